@@ -1,0 +1,212 @@
+"""`fleetserve serve`: run one worker, or check (`--dry-run`) / show (`--print-config`) its config.
+
+Only options the user actually typed reach `load_serve_config` (every default here is None), so the
+env, DEPLOYMENT_CONFIG_JSON and YAML layers are not masked by CLI defaults. Heavy modules (torch, the
+server) are imported only on the path that needs them.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from fleetserve.config import ConfigError, ServeConfig, load_serve_config, render_config
+
+EXIT_CONFIG = 2  # usage/config problems, like click's own usage errors
+
+SERVE_HELP = """\
+Serve one model behind an OpenAI-compatible HTTP API, using fleetserve's native engine.
+
+The worker answers /v1/chat/completions, /v1/completions, /v1/models, /generate, /loglikelihood,
+/health and /metrics. The model is loaded once at start-up; requests are batched continuously.
+
+Every option can also come from the environment or a file. Precedence, highest first: command-line
+flags, FLEETSERVE_<FIELD> variables (e.g. FLEETSERVE_PORT), the seed names MODEL_PATH, PORT, HOST,
+LOG_LEVEL, MAX_TOTAL_TOKENS and HF_TOKEN, HATHORA_DEFAULT_PORT (port only), DEPLOYMENT_CONFIG_JSON,
+the YAML file given with --config, then built-in defaults. Use --print-config to see the value and
+source of every setting, and --dry-run to check the config, model, port and device without serving.
+"""
+
+SERVE_EPILOG = """\
+[bold]Examples[/bold]
+
+  fleetserve serve                                  [dim]# embedded SmolLM2-135M on 127.0.0.1:8000[/dim]
+
+  fleetserve serve --model ./my-model --port 9000   [dim]# a local HF directory or .gguf file[/dim]
+
+  fleetserve serve --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --precision bf16
+
+  PORT=8080 fleetserve serve --config serve.yaml --print-config
+
+  fleetserve serve --dry-run && fleetserve serve    [dim]# check first, then run[/dim]
+"""
+
+_MODEL = "Model"
+_ENGINE = "Engine"
+_SERVER = "Server"
+_CONFIG = "Configuration"
+
+
+def _err(console: Console, message: str) -> None:
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+
+
+def serve(
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="'default' (embedded SmolLM2-135M-Instruct), a local path (HF directory or .gguf) "
+        "or a Hugging Face Hub id org/name. \\[default: default]", rich_help_panel=_MODEL)] = None,
+    revision: Annotated[str | None, typer.Option(
+        help="Hub branch, tag or commit to use.", rich_help_panel=_MODEL)] = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="Name clients pass as `model`. \\[default: the model's name]", rich_help_panel=_MODEL)] = None,
+    hf_token: Annotated[str | None, typer.Option(
+        help="Hugging Face token for gated/private models (never printed or logged). Prefer HF_TOKEN.",
+        rich_help_panel=_MODEL)] = None,
+    precision: Annotated[str | None, typer.Option(
+        "--precision", "--dtype", help="auto | fp32 | bf16 | fp16. auto = fp32 on CPU, bf16 on CUDA. "
+        "--dtype is an alias. \\[default: auto]", rich_help_panel=_ENGINE)] = None,
+    device: Annotated[str | None, typer.Option(
+        help="auto | cpu | cuda | mps. auto picks cuda, then mps, then cpu. \\[default: auto]",
+        rich_help_panel=_ENGINE)] = None,
+    max_model_len: Annotated[int | None, typer.Option(
+        help="Longest prompt + completion in tokens. \\[default: the model's context length]",
+        rich_help_panel=_ENGINE)] = None,
+    max_batch_tokens: Annotated[int | None, typer.Option(
+        help="Token budget of one engine step (prefill chunks + decodes). \\[default: 2048]",
+        rich_help_panel=_ENGINE)] = None,
+    max_running_seqs: Annotated[int | None, typer.Option(
+        help="Most sequences decoded together. \\[default: 64]", rich_help_panel=_ENGINE)] = None,
+    kv_cache_tokens: Annotated[int | None, typer.Option(
+        help="KV cache pool size in tokens (SGLang's MAX_TOTAL_TOKENS). \\[default: sized automatically]",
+        rich_help_panel=_ENGINE)] = None,
+    block_size: Annotated[int | None, typer.Option(
+        help="Tokens per KV cache block: 8, 16, 32, 64 or 128. \\[default: 16]", rich_help_panel=_ENGINE)] = None,
+    max_queue_len: Annotated[int | None, typer.Option(
+        help="Waiting requests beyond this get HTTP 429. \\[default: 256]", rich_help_panel=_SERVER)] = None,
+    host: Annotated[str | None, typer.Option(
+        help="Address to bind. \\[default: 127.0.0.1; 0.0.0.0 on Hathora]", rich_help_panel=_SERVER)] = None,
+    port: Annotated[int | None, typer.Option(
+        "--port", "-p", help="TCP port to listen on. \\[default: 8000]", rich_help_panel=_SERVER)] = None,
+    log_level: Annotated[str | None, typer.Option(
+        help="debug | info | warning | error (any case). \\[default: info]", rich_help_panel=_SERVER)] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="YAML file of settings (same field names as the options, e.g. max_batch_tokens).",
+        rich_help_panel=_CONFIG, dir_okay=False)] = None,
+    print_config: Annotated[bool, typer.Option(
+        "--print-config", help="Print every setting with its source (secrets hidden) and exit.",
+        rich_help_panel=_CONFIG)] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Check config, model files (no download), port and device; exit 0 if all is well, "
+        "2 with the first problem otherwise.", rich_help_panel=_CONFIG)] = False,
+) -> None:
+    cli: dict[str, Any] = {
+        "model": model, "revision": revision, "served_model_name": served_model_name, "hf_token": hf_token,
+        "precision": precision, "device": device, "max_model_len": max_model_len,
+        "max_batch_tokens": max_batch_tokens, "max_running_seqs": max_running_seqs,
+        "kv_cache_tokens": kv_cache_tokens, "block_size": block_size, "max_queue_len": max_queue_len,
+        "host": host, "port": port, "log_level": log_level,
+    }
+    cli = {k: v for k, v in cli.items() if v is not None}
+    out, err = Console(), Console(stderr=True)
+    try:
+        cfg, sources = load_serve_config(cli, config)
+    except ConfigError as exc:
+        _err(err, str(exc))
+        raise typer.Exit(EXIT_CONFIG) from None
+
+    if print_config:
+        out.print(render_config(cfg, sources))
+        if not dry_run:
+            raise typer.Exit(0)
+    if dry_run:
+        problem, summary = dry_run_checks(cfg)
+        if problem:
+            _err(err, problem)
+            raise typer.Exit(EXIT_CONFIG)
+        out.print(f"[bold green]ok[/bold green] {escape(summary)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(0)
+
+    from fleetserve.logs import register_secret, setup_logging
+
+    setup_logging(cfg.log_level)
+    if cfg.hf_token is not None:
+        register_secret(cfg.hf_token.get_secret_value())
+    from fleetserve.server.app import run_server
+
+    run_server(cfg)
+
+
+def dry_run_checks(cfg: ServeConfig) -> tuple[str | None, str]:
+    """Return (first problem or None, one-line summary). Never downloads, never starts a server."""
+    try:
+        model_line = _check_model(cfg)
+        port_line = check_port_free(cfg.host, cfg.port)
+        device_line = _check_device(cfg)
+    except _Problem as exc:
+        return str(exc), ""
+    return None, f"config valid; model {model_line}; {port_line}; device {device_line}"
+
+
+class _Problem(Exception):
+    pass
+
+
+def _check_model(cfg: ServeConfig) -> str:
+    try:
+        from fleetserve.models import ModelResolutionError, resolve_model
+    except ImportError as exc:
+        raise _Problem(f"cannot check the model: fleetserve.models is unavailable ({exc})") from None
+    token = cfg.hf_token.get_secret_value() if cfg.hf_token is not None else None
+    try:
+        files = resolve_model(cfg.model, revision=cfg.revision, hf_token=token, download=False, progress=False)
+    except ModelResolutionError as exc:
+        message = f"model {cfg.model!r} is not usable: {exc}"
+        if "models pull" not in message and not cfg.model.startswith(("/", ".", "~")):
+            message += f"; run `fleetserve models pull {cfg.model}` to download it"
+        if token:
+            message = message.replace(token, "***")
+        raise _Problem(message) from None
+    return f"{files.name} ({files.format}, {files.source}) at {files.path}"
+
+
+def check_port_free(host: str, port: int) -> str:
+    """Bind (with SO_REUSEADDR, as uvicorn does) and release the address the server will listen on."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise _Problem(f"host {host!r} cannot be resolved ({exc.strerror}); use an IP address such as "
+                       "127.0.0.1 or 0.0.0.0 with --host") from None
+    family, socktype, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, socktype, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise _Problem(f"port {port} on {host} is already in use; stop the process using it or choose "
+                           "another with --port") from None
+        if exc.errno == errno.EACCES:
+            raise _Problem(f"permission denied binding {host}:{port}; ports below 1024 need privileges, "
+                           "choose another with --port") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise _Problem(f"host {host!r} is not an address of this machine; use 127.0.0.1, 0.0.0.0 or one "
+                           "of its interface addresses with --host") from None
+        raise _Problem(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
+    return f"{host}:{port} free"
+
+
+def _check_device(cfg: ServeConfig) -> str:
+    from fleetserve.device import resolve_device, resolve_dtype
+
+    try:
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.precision, device)
+    except ValueError as exc:
+        raise _Problem(str(exc)) from None
+    return f"{device} ({str(dtype).removeprefix('torch.')})"

@@ -1,0 +1,312 @@
+"""Configuration of one worker (`fleetserve serve`) and where each value came from.
+
+Values are merged from plain dicts, lowest precedence first, and validated once by pydantic. Merging
+by hand (rather than pydantic-settings' sources) keeps provenance exact: every field knows the one
+source that set it, so an error can name it and `--print-config` can show it.
+
+Precedence, highest first: CLI > ``FLEETSERVE_<FIELD>`` > seed env names (``PORT``, ``MODEL_PATH``, ...)
+> ``HATHORA_DEFAULT_PORT`` (port only) > ``DEPLOYMENT_CONFIG_JSON`` > YAML file > defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+SECRET_FIELDS = frozenset({"hf_token"})
+
+# Fields that only the platform sets, through its own env vars; no other source may set them.
+ENV_ONLY = {
+    "hathora_region": "HATHORA_REGION",
+    "hathora_process_id": "HATHORA_PROCESS_ID",
+    "hathora_hostname": "HATHORA_HOSTNAME",
+}
+
+# Seed env names (seeds 001/002/003) -> fleetserve field.
+SEED_ENV = {
+    "MODEL_PATH": "model",
+    "PORT": "port",
+    "LOG_LEVEL": "log_level",
+    "MAX_TOTAL_TOKENS": "kv_cache_tokens",  # SGLang's meaning: KV pool size in tokens
+    "HF_TOKEN": "hf_token",
+    "HOST": "host",
+}
+
+# Seed 000's DEPLOYMENT_CONFIG_JSON keys -> fleetserve field.
+SEED_JSON_KEYS = {
+    "model_id": "model",
+    "model_path": "model",
+    "dtype": "precision",
+    "max_total_tokens": "kv_cache_tokens",
+    "max_queued_requests": "max_queue_len",
+}
+
+# Keys that belong to later features: rejected loudly rather than silently ignored.
+NOT_SUPPORTED_YET = frozenset({
+    "tp_size", "quantization", "kv_cache_dtype", "mem_fraction_static", "schedule_conservativeness",
+    "enable_metrics", "enable_p2p_check", "enable_torch_compile", "h100_only", "auto_use_fp8_on_h100",
+    "speculative", "pd", "gpu", "backend", "replicas", "autoscale", "region", "image",
+})
+
+# What each field accepts, for error messages.
+ALLOWED = {
+    "model": "'default', a local path (.gguf file or HF directory) or a Hub id org/name",
+    "revision": "a branch, tag or commit of the Hub repo",
+    "served_model_name": "a non-empty name",
+    "precision": "one of auto, fp32, bf16, fp16",
+    "device": "one of auto, cpu, cuda, mps",
+    "max_model_len": "a positive integer (tokens)",
+    "max_batch_tokens": "a positive integer (tokens per engine step)",
+    "max_running_seqs": "a positive integer",
+    "kv_cache_tokens": "a positive integer (KV pool size in tokens)",
+    "block_size": "one of " + ", ".join(map(str, BLOCK_SIZES)),
+    "max_queue_len": "a positive integer",
+    "host": "an IP address or host name to bind",
+    "port": "an integer from 1 to 65535",
+    "log_level": "one of debug, info, warning, error (any case)",
+    "hf_token": "a Hugging Face access token",
+    "hathora_region": "a string (set by Hathora)",
+    "hathora_process_id": "a string (set by Hathora)",
+    "hathora_hostname": "a string (set by Hathora)",
+}
+
+_PRECISION_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+_LOG_LEVEL_ALIASES = {"warn": "warning"}
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the field, its source and what is allowed."""
+
+    def __init__(self, message: str, field: str | None = None, source: str | None = None):
+        super().__init__(message)
+        self.field = field
+        self.source = source
+
+
+class ServeConfig(BaseModel):
+    """Everything one worker needs. Construct via `load_serve_config` to honour env and files."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str = Field("default", min_length=1)
+    revision: str | None = None
+    served_model_name: str | None = Field(None, min_length=1)  # None: the model's name, at load
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    max_model_len: int | None = Field(None, ge=1)  # None: the model's context length
+    max_batch_tokens: int = Field(2048, ge=1)
+    max_running_seqs: int = Field(64, ge=1)
+    kv_cache_tokens: int | None = Field(None, ge=1)  # None: sized automatically
+    block_size: int = 16
+    max_queue_len: int = Field(256, ge=1)
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    hf_token: SecretStr | None = None
+    hathora_region: str | None = None
+    hathora_process_id: str | None = None
+    hathora_hostname: str | None = None
+
+    @field_validator("precision", "device", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any, info) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.strip().lower()
+        if info.field_name == "precision":
+            return _PRECISION_ALIASES.get(value, value)
+        if info.field_name == "log_level":
+            return _LOG_LEVEL_ALIASES.get(value, value)
+        return value
+
+    @field_validator("max_model_len", "max_batch_tokens", "max_running_seqs", "kv_cache_tokens", "block_size",
+                     "max_queue_len", "port", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML `port: yes` must not become port 1
+            raise ValueError("expected an integer, got a boolean")  # noqa: TRY004 (pydantic needs ValueError)
+        return value
+
+    @field_validator("block_size")
+    @classmethod
+    def _block_size(cls, value: int) -> int:
+        if value not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {value}")
+        return value
+
+
+FIELDS: tuple[str, ...] = tuple(ServeConfig.model_fields)
+SETTABLE: tuple[str, ...] = tuple(f for f in FIELDS if f not in ENV_ONLY)
+
+
+def load_serve_config(
+    cli: dict[str, Any],
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[ServeConfig, dict[str, str]]:
+    """Merge every source by precedence and validate; returns the config and each field's source."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {f: "default" for f in FIELDS}
+
+    def put(layer: Mapping[str, Any], source: str) -> None:
+        for key, value in layer.items():
+            values[key] = value
+            sources[key] = source
+
+    if any(k.startswith("HATHORA_") for k in env):
+        put({"host": "0.0.0.0"}, "default (HATHORA_* set)")
+    if config_file is not None:
+        put(_read_yaml(Path(config_file)), f"yaml {config_file}")
+    if (raw := _env(env, "DEPLOYMENT_CONFIG_JSON")) is not None:
+        put(_read_deployment_json(raw), "DEPLOYMENT_CONFIG_JSON")
+    if (port := _env(env, "HATHORA_DEFAULT_PORT")) is not None:
+        put({"port": port}, "env HATHORA_DEFAULT_PORT")
+    for name, field in SEED_ENV.items():
+        if (value := _env(env, name)) is not None:
+            put({field: value}, f"env {name}")
+    for field in SETTABLE:
+        name = f"FLEETSERVE_{field.upper()}"
+        if (value := _env(env, name)) is not None:
+            put({field: value}, f"env {name}")
+    put(_check_cli(cli), "cli")
+    for field, name in ENV_ONLY.items():
+        if (value := _env(env, name)) is not None:
+            put({field: value}, f"env {name}")
+
+    try:
+        cfg = ServeConfig.model_validate(values)
+    except ValidationError as exc:
+        raise _explain(exc, values, sources) from None
+    return cfg, sources
+
+
+def _env(env: Mapping[str, str], name: str) -> str | None:
+    """An env var's value; empty counts as unset (``HF_TOKEN=`` in a compose file means "none")."""
+    value = env.get(name)
+    return value if value is not None and value.strip() != "" else None
+
+
+def _check_cli(cli: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in cli.items():
+        if value is None:
+            continue
+        if key in ENV_ONLY:
+            raise ConfigError(f"{key} cannot be set on the command line; it is read from {ENV_ONLY[key]} only",
+                              key, "cli")
+        if key not in SETTABLE:
+            raise ConfigError(f"unknown option {key!r} (from cli); allowed: {', '.join(SETTABLE)}", key, "cli")
+        out[key] = value
+    return out
+
+
+def _normalise_keys(data: Any, source: str, *, seed_keys: bool) -> dict[str, Any]:
+    """Map a file's keys to field names; reject unknown and not-yet-supported keys with a clear message."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a mapping of field names to values, got {type(data).__name__}",
+                          None, source)
+    out: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for key, value in data.items():
+        key = str(key)
+        if key in NOT_SUPPORTED_YET:
+            raise ConfigError(f"field {key!r} (from {source}) is not supported yet by `fleetserve serve`; "
+                              "remove it (settings that cannot be honoured yet are rejected, not ignored)", key, source)
+        if key in ENV_ONLY:
+            raise ConfigError(f"field {key!r} (from {source}) is read from {ENV_ONLY[key]} only", key, source)
+        if key in SEED_JSON_KEYS:
+            if not seed_keys:
+                raise ConfigError(f"unknown field {key!r} (from {source}); use {SEED_JSON_KEYS[key]!r} instead",
+                                  key, source)
+            field = SEED_JSON_KEYS[key]
+        elif key in SETTABLE:
+            field = key
+        else:
+            raise ConfigError(f"unknown field {key!r} (from {source}); allowed: {', '.join(SETTABLE)}", key, source)
+        if value is None:
+            continue
+        if field in out and out[field] != value:
+            raise ConfigError(f"{source} sets {field} twice with different values ({origin[field]!r} and {key!r})",
+                              field, source)
+        out[field] = value
+        origin[field] = key
+    return out
+
+
+def _read_deployment_json(raw: str) -> dict[str, Any]:
+    source = "DEPLOYMENT_CONFIG_JSON"
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:  # the message has a position only, never the (secret-bearing) text
+        raise ConfigError(f"{source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; "
+                          "expected a JSON object", None, source) from None
+    return _normalise_keys(data, source, seed_keys=True)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    source = f"yaml {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}", None, source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}", None, source) from None
+    return _normalise_keys(data if data is not None else {}, source, seed_keys=False)
+
+
+def _explain(exc: ValidationError, values: Mapping[str, Any], sources: Mapping[str, str]) -> ConfigError:
+    """One line per invalid field: the field, its value (secrets hidden), its source, what is allowed."""
+    lines: list[str] = []
+    first: tuple[str | None, str | None] = (None, None)
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else None
+        source = sources.get(field, "default") if field else "config"
+        if field is None:
+            lines.append(f"invalid configuration: {err['msg']}")
+            continue
+        shown = "***" if field in SECRET_FIELDS else repr(values.get(field))
+        allowed = ALLOWED.get(field, err["msg"])
+        lines.append(f"invalid {field} {shown} (from {source}): expected {allowed}")
+        if first == (None, None):
+            first = (field, source)
+    return ConfigError("\n".join(lines), *first)
+
+
+def config_as_dict(cfg: ServeConfig, redact: bool = True) -> dict[str, Any]:
+    """A JSON-ready dict; secrets become "***" (None when unset) unless ``redact=False``."""
+    out = cfg.model_dump(mode="json")
+    for field in SECRET_FIELDS:
+        secret = getattr(cfg, field)
+        if secret is None:
+            out[field] = None
+        else:
+            out[field] = "***" if redact else secret.get_secret_value()
+    return out
+
+
+def render_config(cfg: ServeConfig, sources: Mapping[str, str]):
+    """A rich Table of field, value and source; secrets are always shown as "***"."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="fleetserve serve configuration", title_justify="left")
+    table.add_column("field", style="cyan", no_wrap=True)
+    table.add_column("value")
+    table.add_column("source", style="dim")
+    shown = config_as_dict(cfg, redact=True)
+    for field in FIELDS:
+        value = shown[field]
+        text = Text("unset", style="dim") if value is None else Text(str(value))
+        table.add_row(field, text, sources.get(field, "default"))
+    return table

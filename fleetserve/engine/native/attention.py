@@ -1,0 +1,80 @@
+"""Attention over a paged KV cache, in plain PyTorch (the CPU path; GPU kernels plug in here).
+
+The batch is flattened: decode tokens first (one per sequence, attended together with one padded
+SDPA call over their gathered blocks), then prefill chunks (one SDPA call each; a chunk with no
+cached context attends to its own keys directly, others gather their blocks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSegment:
+    start: int  # first token of the chunk in the flattened batch
+    end: int
+    context_len: int  # tokens of this sequence in the cache after this step (cached prefix + chunk)
+    block_table: torch.Tensor | None  # needed only when the chunk has context before it
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] flat cache slot for every token's K/V
+    num_decode: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks]
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], True = attend
+    prefills: list[PrefillSegment] = field(default_factory=list)
+
+
+def _chunk_mask(n: int, ctx: int, window: int | None, device) -> torch.Tensor:
+    q_pos = torch.arange(ctx - n, ctx, device=device)[:, None]
+    k_pos = torch.arange(ctx, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    hkv, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    nd = meta.num_decode
+    if nd:
+        bt = meta.decode_block_tables
+        kk = k_cache[bt].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+        vv = v_cache[bt].flatten(1, 2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2), kk, vv, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )
+        out[:nd] = o.squeeze(2)
+    for seg in meta.prefills:
+        n = seg.end - seg.start
+        qi = q[seg.start : seg.end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+        if seg.context_len == n:
+            kk = k[seg.start : seg.end].transpose(0, 1).unsqueeze(0)
+            vv = v[seg.start : seg.end].transpose(0, 1).unsqueeze(0)
+        else:
+            kk = k_cache[seg.block_table].flatten(0, 1)[: seg.context_len].transpose(0, 1).unsqueeze(0)
+            vv = v_cache[seg.block_table].flatten(0, 1)[: seg.context_len].transpose(0, 1).unsqueeze(0)
+        if seg.context_len == n and not (sliding_window and n > sliding_window):
+            o = F.scaled_dot_product_attention(qi, kk, vv, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            mask = _chunk_mask(n, seg.context_len, sliding_window, q.device)
+            o = F.scaled_dot_product_attention(qi, kk, vv, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[seg.start : seg.end] = o.squeeze(0).transpose(0, 1)
+    return out

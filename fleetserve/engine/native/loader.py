@@ -1,0 +1,27 @@
+"""Builds a LlamaModel on a device from resolved model files, without a throwaway random init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fleetserve.engine.native.model import LlamaModel
+from fleetserve.engine.native.model_config import ModelConfig
+from fleetserve.engine.native.weights import load_model_config_and_weights
+
+
+def load_model(
+    fmt: str, path: Path, device: torch.device, dtype: torch.dtype, max_len: int | None = None,
+    progress: bool = False,
+) -> tuple[LlamaModel, ModelConfig]:
+    cfg, weights = load_model_config_and_weights(fmt, path, progress)
+    max_len = max_len or cfg.max_position_embeddings
+    with torch.device("meta"):
+        model = LlamaModel(cfg, max_len)
+    model = model.to_empty(device=device)
+    model.load_weights((name, w.to(device=device, dtype=dtype)) for name, w in weights)
+    model.to(dtype=dtype)
+    model.init_rope(device)
+    model.eval().requires_grad_(False)
+    return model, cfg

@@ -1,0 +1,97 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each computes.
+
+Each step spends at most `max_batch_tokens`: running decodes first (one token each), then prompt
+chunks of running or newly admitted sequences. A sequence is admitted only when its blocks fit;
+when a running sequence cannot grow, the newest running one is preempted (freed and recomputed later).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from fleetserve.engine.native.block_manager import BlockManager
+from fleetserve.engine.native.sequence import Sequence, SeqStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # tokens computed this step, per sequence
+    num_preempted: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_batch_tokens: int, max_running_seqs: int):
+        self.bm = block_manager
+        self.max_batch_tokens = max_batch_tokens
+        self.max_running_seqs = max_running_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence wherever it is and free its blocks."""
+        if seq.status == SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        self.bm.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_batch_tokens
+        # Decodes (and prefills already under way) in arrival order; the newest are preempted first.
+        decoding = sorted(self.running, key=lambda s: s.arrival)
+        scheduled: list[Sequence] = []
+        while decoding and budget > 0:
+            seq = decoding.pop(0)
+            n = min(seq.num_uncomputed, budget)
+            while not self.bm.can_allocate(seq, n):
+                victim = (decoding or [seq])[-1]
+                if victim in decoding:
+                    decoding.remove(victim)
+                self._preempt(victim)
+                batch.num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                self.bm.allocate(seq, n)
+                scheduled.append(seq)
+                batch.num_tokens.append(n)
+                budget -= n
+        # Admit waiting sequences while tokens, sequence slots and blocks allow (FCFS: no overtaking).
+        while self.waiting and budget > 0 and len(self.running) < self.max_running_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed, budget)
+            # Admit only if the whole prompt will fit: a half-admitted prompt would just be preempted.
+            if self.bm.blocks_needed(seq, seq.num_uncomputed) > self.bm.num_free:
+                break
+            self.waiting.popleft()
+            self.bm.allocate(seq, n)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(seq)
+            batch.num_tokens.append(n)
+            budget -= n
+        batch.seqs = scheduled
+        return batch

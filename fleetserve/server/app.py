@@ -1,0 +1,116 @@
+"""The worker HTTP app (FastAPI) and `run_server`, the body of `fleetserve serve`.
+
+The HTTP server starts at once (so /healthz answers and /readyz says "loading"); the model loads
+in a background thread and /readyz turns 200 after the engine has run one warm-up step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI
+from rich.console import Console
+
+from fleetserve import __version__
+from fleetserve.config import ServeConfig
+from fleetserve.device import resolve_device, resolve_dtype
+from fleetserve.engine.native.engine import EngineConfig, NativeEngine
+from fleetserve.models import ModelFiles, resolve_model
+from fleetserve.server import routes_health, routes_openai
+from fleetserve.server.errors import install_error_handlers
+from fleetserve.server.state import WorkerState
+from fleetserve.tokenizer import Tokenizer
+
+log = logging.getLogger("fleetserve.server")
+
+
+def engine_config(cfg: ServeConfig) -> EngineConfig:
+    return EngineConfig(max_model_len=cfg.max_model_len, max_batch_tokens=cfg.max_batch_tokens,
+                        max_running_seqs=cfg.max_running_seqs, kv_cache_tokens=cfg.kv_cache_tokens,
+                        block_size=cfg.block_size, max_queue_len=cfg.max_queue_len)
+
+
+def load_engine(state: WorkerState, progress: bool = False) -> None:
+    """Tokenizer + native engine for the resolved model; fills `state` (or `state.load_error`)."""
+    cfg, files = state.config, state.model_files
+    try:
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.precision, device)
+        state.device = str(device)
+        tokenizer = Tokenizer.from_model_files(files)
+        engine = NativeEngine.load(files.format, files.path, tokenizer.eos_token_ids, engine_config(cfg),
+                                   device, dtype, progress=progress)
+        engine.start()
+    except Exception as exc:
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        log.error("model failed to load: %s", state.load_error)
+        return
+    state.tokenizer, state.engine = tokenizer, engine
+    log.info("model %s ready on %s (%s)", state.served_model_name, device, str(dtype).removeprefix("torch."))
+
+
+def new_state(cfg: ServeConfig, files: ModelFiles) -> WorkerState:
+    return WorkerState(config=cfg, model_files=files, served_model_name=cfg.served_model_name or files.name)
+
+
+def create_app(state: WorkerState, load: bool = True, on_load_failure=None) -> FastAPI:
+    """`load=False` when the caller has already filled state.engine (tests share one engine)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if load and state.engine is None:
+            def _load() -> None:
+                load_engine(state)
+                if state.load_error and on_load_failure:
+                    on_load_failure()
+
+            threading.Thread(target=_load, name="fleetserve-load", daemon=True).start()
+        yield
+        if load and state.engine is not None:
+            await state.engine.shutdown(drain=False)
+
+    app = FastAPI(title="fleetserve worker", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible inference server backed by fleetserve's native engine.")
+    app.state.worker = state
+    install_error_handlers(app)
+    app.include_router(routes_health.router)
+    app.include_router(routes_openai.router)
+    return app
+
+
+def run_server(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    console = Console(stderr=True)
+    files = resolve_model(cfg.model, revision=cfg.revision,
+                          hf_token=cfg.hf_token.get_secret_value() if cfg.hf_token else None, progress=True)
+    state = new_state(cfg, files)
+    server: uvicorn.Server | None = None
+    exit_code = 0
+
+    def fail() -> None:
+        nonlocal exit_code
+        exit_code = 1
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(state, on_load_failure=fail)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=30))
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    base = f"http://{host}:{cfg.port}"
+    console.print(f"[bold green]fleetserve[/] serving [bold]{state.served_model_name}[/] at [link]{base}/v1[/]"
+                  f"  (ready when {base}/readyz answers 200)")
+    console.print(
+        f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"-d '{{\"model\": \"{state.served_model_name}\", "
+        f"\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'",
+        soft_wrap=True, highlight=False, markup=False)
+    asyncio.run(server.serve())
+    if exit_code:
+        raise SystemExit(exit_code)

@@ -1,0 +1,288 @@
+"""`/v1/chat/completions`, `/v1/completions`, `/v1/models`: the OpenAI surface of a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from fleetserve.engine.native.engine import EngineUnavailable
+from fleetserve.engine.types import EngineOverloaded, RequestRejected, SamplingParams
+from fleetserve.server.errors import APIError, sse_error
+from fleetserve.server.generation import ChoiceResult, TextDelta, collect_text, open_text_stream
+from fleetserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    new_id,
+)
+from fleetserve.server.state import WorkerState, get_state
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(state: WorkerState = Depends(get_state)) -> ModelList:
+    return ModelList(data=[ModelCard(id=state.served_model_name, root=state.model_files.name,
+                                     max_model_len=state.engine.max_model_len if state.engine else None,
+                                     created=int(state.started_at))])
+
+
+def _check_model(req: SamplingFields, state: WorkerState) -> None:
+    if req.model is not None and req.model != state.served_model_name:
+        raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
+                            f"'{state.served_model_name}'", "model", "model_not_found")
+
+
+def _ready(state: WorkerState):
+    if state.engine is None or state.tokenizer is None:
+        raise APIError(503, "the model is still loading; retry when /readyz answers 200",
+                       headers={"Retry-After": "5"})
+    return state.engine, state.tokenizer
+
+
+def _sampling(req: SamplingFields, max_tokens: int, eos_stop: list[int], seed_offset: int) -> SamplingParams:
+    top_k = req.top_k if req.top_k and req.top_k > 0 else 0
+    return SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=top_k,
+        min_p=req.min_p or 0.0,
+        seed=None if req.seed is None else req.seed + seed_offset,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+        stop_token_ids=list(req.stop_token_ids or []) + eos_stop,
+    )
+
+
+def _max_tokens(requested: int | None, prompt_len: int, max_model_len: int, param: str, prompt_param: str) -> int:
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, but the prompt "
+                            f"has {prompt_len} tokens", prompt_param, "context_length_exceeded")
+    if requested is None:
+        return room
+    if requested > room:
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+                            f"{prompt_len} tokens and {param} asks for {requested} more "
+                            f"({prompt_len + requested} in total)", param, "context_length_exceeded")
+    return requested
+
+
+async def _open_choices(state: WorkerState, rid: str, prompts: list[list[int]], req: SamplingFields,
+                        max_tokens: list[int]) -> list[AsyncIterator[TextDelta]]:
+    """Submits every choice before responding, so 429/400/503 come back as HTTP statuses."""
+    engine, tok = _ready(state)
+    streams = []
+    try:
+        for i, ids in enumerate(prompts):
+            for j in range(req.n):
+                idx = i * req.n + j
+                sp = _sampling(req, max_tokens[i], [], idx)
+                streams.append(await open_text_stream(engine, tok, f"{rid}-{idx}", ids, sp, req.stop or []))
+    except EngineOverloaded as exc:
+        await _close(streams)
+        raise APIError(429, f"server overloaded: {exc}; retry later", headers={"Retry-After": "1"}) from exc
+    except EngineUnavailable as exc:
+        await _close(streams)
+        raise APIError(503, f"not accepting requests: {exc}", headers={"Retry-After": "5"}) from exc
+    except RequestRejected as exc:
+        await _close(streams)
+        raise APIError(400, str(exc), "messages" if isinstance(req, ChatCompletionRequest) else "prompt") from exc
+    return streams
+
+
+async def _close(streams: list[AsyncIterator[TextDelta]]) -> None:
+    for s in streams:
+        await s.aclose()
+
+
+async def _merge(streams: list[AsyncIterator[TextDelta]]) -> AsyncIterator[tuple[int, TextDelta]]:
+    """Interleaves n choice streams as their deltas arrive; cancelling the consumer aborts them all."""
+    if len(streams) == 1:
+        async for d in streams[0]:
+            yield 0, d
+        return
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, s: AsyncIterator[TextDelta]) -> None:
+        try:
+            async for d in s:
+                await q.put((i, d))
+        finally:
+            await q.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, d = await q.get()
+            if d is done:
+                remaining -= 1
+            else:
+                yield i, d
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _gather(streams: list[AsyncIterator[TextDelta]], request: Request) -> list[ChoiceResult]:
+    """Runs choices to completion, aborting them if the client goes away first."""
+    work = asyncio.gather(*(collect_text(s) for s in streams))
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        work.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    finally:
+        watcher.cancel()
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _raise_on_error(results: list[ChoiceResult]) -> None:
+    failed = next((r for r in results if r.finish_reason == "error"), None)
+    if failed is not None:
+        raise APIError(500, failed.error or "generation failed")
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+
+@router.post("/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request, state: WorkerState = Depends(get_state)):
+    _check_model(req, state)
+    engine, tok = _ready(state)
+    try:
+        text = tok.apply_chat_template([{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                                        for m in req.messages], add_generation_prompt=True)
+    except Exception as exc:  # template errors are the request's fault (e.g. roles out of order)
+        raise APIError(400, f"could not apply the chat template: {exc}", "messages") from exc
+    prompt = tok.encode(text, add_special_tokens=False)
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = _max_tokens(req.token_limit(), len(prompt), engine.max_model_len, param, "messages")
+    rid, created, model = new_id("chatcmpl"), int(time.time()), state.served_model_name
+    streams = await _open_choices(state, rid, [prompt], req, [max_tokens])
+    if req.stream:
+        usage_on = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_chat_stream(streams, rid, created, model, len(prompt), req.n, usage_on),
+                                 media_type="text/event-stream")
+    results = await _gather(streams, request)
+    _raise_on_error(results)
+    return JSONResponse({
+        "id": rid, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                     "finish_reason": r.finish_reason} for i, r in enumerate(results)],
+        "usage": _usage(len(prompt), sum(len(r.token_ids) for r in results)),
+    })
+
+
+async def _chat_stream(streams, rid: str, created: int, model: str, prompt_tokens: int, n: int,
+                       usage_on: bool) -> AsyncIterator[str]:
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+    extra = {"usage": None} if usage_on else {}
+    completion_tokens = 0
+    try:
+        for i in range(n):
+            yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}], **extra})
+        async for i, d in _merge(streams):
+            completion_tokens += len(d.token_ids)
+            if d.finish_reason == "error":
+                yield sse_error(d.error or "generation failed")
+                continue
+            if d.text:
+                yield _sse({**base, "choices": [{"index": i, "delta": {"content": d.text}, "logprobs": None,
+                                                 "finish_reason": None}], **extra})
+            if d.finish_reason:
+                yield _sse({**base, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                                 "finish_reason": d.finish_reason}], **extra})
+        if usage_on:
+            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+    except Exception as exc:  # mid-stream failure: tell the client in-band, then end the stream
+        yield sse_error(f"generation failed: {exc}")
+    yield "data: [DONE]\n\n"
+
+
+# ---- completions -----------------------------------------------------------------------------
+
+
+def _completion_prompts(req: CompletionRequest, tok) -> list[list[int]]:
+    p = req.prompt
+    if isinstance(p, str):
+        return [tok.encode(p)]
+    if isinstance(p[0], int):
+        return [list(p)]
+    if isinstance(p[0], list):
+        return [list(x) for x in p]
+    return [tok.encode(x) for x in p]
+
+
+@router.post("/completions")
+async def completions(req: CompletionRequest, request: Request, state: WorkerState = Depends(get_state)):
+    _check_model(req, state)
+    engine, tok = _ready(state)
+    prompts = _completion_prompts(req, tok)
+    for ids in prompts:
+        try:
+            engine.validate(ids)
+        except RequestRejected as exc:
+            raise APIError(400, str(exc), "prompt") from exc
+    max_tokens = [_max_tokens(req.token_limit(), len(ids), engine.max_model_len, "max_tokens", "prompt")
+                  for ids in prompts]
+    rid, created, model = new_id("cmpl"), int(time.time()), state.served_model_name
+    streams = await _open_choices(state, rid, prompts, req, max_tokens)
+    prompt_tokens = sum(len(p) for p in prompts)
+    if req.stream:
+        usage_on = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_completion_stream(streams, rid, created, model, prompt_tokens, usage_on),
+                                 media_type="text/event-stream")
+    results = await _gather(streams, request)
+    _raise_on_error(results)
+    return JSONResponse({
+        "id": rid, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                    for i, r in enumerate(results)],
+        "usage": _usage(prompt_tokens, sum(len(r.token_ids) for r in results)),
+    })
+
+
+async def _completion_stream(streams, rid: str, created: int, model: str, prompt_tokens: int,
+                             usage_on: bool) -> AsyncIterator[str]:
+    base = {"id": rid, "object": "text_completion", "created": created, "model": model}
+    extra = {"usage": None} if usage_on else {}
+    completion_tokens = 0
+    try:
+        async for i, d in _merge(streams):
+            completion_tokens += len(d.token_ids)
+            if d.finish_reason == "error":
+                yield sse_error(d.error or "generation failed")
+                continue
+            if d.text or d.finish_reason:
+                yield _sse({**base, "choices": [{"index": i, "text": d.text, "logprobs": None,
+                                                 "finish_reason": d.finish_reason}], **extra})
+        if usage_on:
+            yield _sse({**base, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+    except Exception as exc:
+        yield sse_error(f"generation failed: {exc}")
+    yield "data: [DONE]\n\n"
