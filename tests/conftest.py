@@ -26,14 +26,39 @@ def tokenizer(default_gguf):
 
 
 @pytest.fixture(scope="session")
-def default_engine(default_gguf, tokenizer):
-    """One native engine on the embedded model, shared by the tests that only read from it."""
+def default_model(default_gguf):
+    """The embedded model's weights, loaded once; engines with other settings share them (the model is stateless)."""
+    import torch
+
+    from fleetserve.engine.native.loader import load_model
+
+    return load_model("gguf", default_gguf, torch.device("cpu"), torch.float32, 2048)
+
+
+@pytest.fixture(scope="session")
+def make_engine(default_model, tokenizer):
+    """Builds (and stops at the end of the test session) an engine over the shared weights."""
     import torch
 
     from fleetserve.engine.native.engine import EngineConfig, NativeEngine
 
-    engine = NativeEngine.load("gguf", default_gguf, tokenizer.eos_token_ids, EngineConfig(max_model_len=2048),
-                               torch.device("cpu"), torch.float32)
-    engine.start()
-    yield engine
-    engine.stop()
+    engines = []
+
+    def make(**cfg) -> NativeEngine:
+        model, model_cfg = default_model
+        engine = NativeEngine(model, model_cfg, tokenizer.eos_token_ids, EngineConfig(**{"max_model_len": 2048, **cfg}),
+                              torch.device("cpu"), torch.float32)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def default_engine(make_engine):
+    """One native engine on the embedded model, shared by the tests that only read from it."""
+    engine = make_engine()
+    return engine

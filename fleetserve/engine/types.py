@@ -77,6 +77,8 @@ class EngineStats:
     steps: int = 0
     prompt_tokens_computed: int = 0
     generation_tokens: int = 0
+    preemptions: int = 0
+    aborts: int = 0
 
     @property
     def kv_usage(self) -> float:

@@ -212,6 +212,7 @@ class NativeEngine:
                 self._fail(batch.seqs, f"engine error: {exc}")
                 continue
             self._stats.steps += 1
+            self._stats.preemptions += batch.num_preempted
             self._stats.prompt_tokens_computed += sum(
                 n for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed_tokens - n < s.num_prompt_tokens)
             self._process(results)
@@ -229,6 +230,7 @@ class NativeEngine:
                 seq = self._seqs.pop(item, None)
                 if seq is not None:
                     self.scheduler.finish(seq)
+                    self._stats.aborts += 1
                 self._streams.pop(item, None)
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:

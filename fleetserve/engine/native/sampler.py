@@ -42,7 +42,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> li
     top_p = torch.tensor([sp.top_p for sp in sps], device=dev)
     mask |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]  # keeps at least the top token
     min_p = torch.tensor([sp.min_p for sp in sps], device=dev)
-    mask |= probs < (min_p * probs[:, :1])[:, :]
+    mask |= probs < min_p[:, None] * probs[:, :1]
     probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
     picks = torch.empty(len(rows), dtype=torch.long, device=dev)
     unseeded = [j for j, i in enumerate(rows) if seqs[i].generator is None]

@@ -1,0 +1,42 @@
+# fleetserve: `make up` serves the embedded model, `make test` runs the whole suite.
+# Both install what is missing first (system packages, the virtualenv, the CPU torch pin, the default model).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install up serve test test-fast lint bench clean
+
+install: $(STAMP) model
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+model: $(STAMP)
+	$(VENV)/bin/fleetserve models pull default
+
+up: install
+	$(VENV)/bin/fleetserve serve
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check fleetserve tests benchmarks
+
+bench: install
+	$(PY) benchmarks/engine_vs_hf.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
