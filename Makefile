@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install up serve test test-fast lint bench clean
+.PHONY: install model up test test-fast lint bench clean
 
 install: $(STAMP) model
 

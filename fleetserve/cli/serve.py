@@ -23,14 +23,9 @@ EXIT_CONFIG = 2  # usage/config problems, like click's own usage errors
 SERVE_HELP = """\
 Serve one model behind an OpenAI-compatible HTTP API, using fleetserve's native engine.
 
-The worker answers /v1/chat/completions, /v1/completions, /v1/models, /generate, /loglikelihood,
-/health and /metrics. The model is loaded once at start-up; requests are batched continuously.
+The worker answers /v1/chat/completions, /v1/completions and /v1/models (streaming or not), plus /health, /healthz (liveness) and /readyz (readiness). The model is loaded once at start-up and requests are batched continuously.
 
-Every option can also come from the environment or a file. Precedence, highest first: command-line
-flags, FLEETSERVE_<FIELD> variables (e.g. FLEETSERVE_PORT), the seed names MODEL_PATH, PORT, HOST,
-LOG_LEVEL, MAX_TOTAL_TOKENS and HF_TOKEN, HATHORA_DEFAULT_PORT (port only), DEPLOYMENT_CONFIG_JSON,
-the YAML file given with --config, then built-in defaults. Use --print-config to see the value and
-source of every setting, and --dry-run to check the config, model, port and device without serving.
+Every option can also come from the environment or a file. Precedence, highest first: command-line flags, FLEETSERVE_<FIELD> variables (e.g. FLEETSERVE_PORT), the seed names MODEL_PATH, PORT, HOST, LOG_LEVEL, MAX_TOTAL_TOKENS and HF_TOKEN, HATHORA_DEFAULT_PORT (port only), DEPLOYMENT_CONFIG_JSON, the YAML file given with --config, then built-in defaults. Use --print-config to see the value and source of every setting, and --dry-run to check the config, model, port and device without serving.
 """
 
 SERVE_EPILOG = """\

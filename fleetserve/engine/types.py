@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
+
+import torch
+
+# Called with the sequence's output token ids so far and its logits row [vocab]; edits the row in
+# place (e.g. a grammar's allowed-token mask). Stateless from the engine's view: it may be called
+# again with the same ids after a preemption.
+LogitsProcessor = Callable[[list[int], torch.Tensor], None]
 
 
 @dataclass
@@ -22,6 +29,17 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob plus the top k
+    prompt_logprobs: int | None = None  # same, for every prompt position (the first has none)
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+
+    @property
+    def needs_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -33,6 +51,16 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of a token under the model's raw distribution (before sampling controls)."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: list[tuple[int, float]] = field(default_factory=list)  # the k most likely (id, logprob)
 
 
 class FinishReason(str, enum.Enum):
@@ -52,6 +80,8 @@ class GenerationEvent:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first event, when asked for
 
 
 class EngineState(str, enum.Enum):

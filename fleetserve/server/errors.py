@@ -13,7 +13,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("fleetserve.server")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+          413: "invalid_request_error", 429: "rate_limit_error", 499: "client_closed_request",
+          503: "service_unavailable"}
 
 
 class APIError(Exception):

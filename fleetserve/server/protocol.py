@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -15,6 +16,35 @@ def new_id(prefix: str) -> str:
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+# OpenAI (and vLLM-extension) request fields this worker cannot honour yet, each with the value that means
+# "off" (None always does). Any other value is a 400 naming the field: a client asking for logprobs, penalties,
+# JSON mode or tools must not silently get a plain answer. Remove a field from here when it is implemented.
+UNSUPPORTED_FIELDS: dict[str, Any] = {
+    "logprobs": False,
+    "top_logprobs": 0,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "repetition_penalty": 1,
+    "logit_bias": {},
+    "response_format": {"type": "text"},
+    "tools": [],
+    "functions": [],
+    "echo": False,
+    "guided_json": None,
+    "guided_regex": None,
+    "guided_choice": None,
+    "guided_grammar": None,
+}
+
+
+def _is_off(value: Any, off: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, bool) or isinstance(off, bool):
+        return value is off  # logprobs=0 asks for the sampled tokens' logprobs: not the same as false
+    return value == off
 
 
 class SamplingFields(BaseModel):
@@ -56,6 +86,19 @@ class SamplingFields(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
+    def unsupported_field(self) -> tuple[str, str] | None:
+        """(field, message) for the first field set to something this worker cannot honour yet."""
+        for name, off in UNSUPPORTED_FIELDS.items():
+            value = getattr(self, name, None)
+            if not _is_off(value, off):
+                allowed = "leave it out" + ("" if off is None else f" or set it to {json.dumps(off)}")
+                return name, f"{name} is not supported by this server yet (got {json.dumps(value)}); {allowed}"
+        best_of = getattr(self, "best_of", None)
+        if best_of is not None and best_of != self.n:
+            return "best_of", (f"best_of is not supported by this server yet (got {json.dumps(best_of)}); "
+                               f"leave it out or set it to n ({self.n})")
+        return None
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -87,7 +130,7 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
+    echo: bool = False  # only false for now (see UNSUPPORTED_FIELDS)
     suffix: str | None = None
 
     @field_validator("prompt")

@@ -38,6 +38,9 @@ def _check_model(req: SamplingFields, state: WorkerState) -> None:
     if req.model is not None and req.model != state.served_model_name:
         raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
                             f"'{state.served_model_name}'", "model", "model_not_found")
+    unsupported = req.unsupported_field()
+    if unsupported is not None:
+        raise APIError(400, unsupported[1], unsupported[0], "unsupported_parameter")
 
 
 def _ready(state: WorkerState):
@@ -136,17 +139,25 @@ async def _merge(streams: list[AsyncIterator[TextDelta]]) -> AsyncIterator[tuple
 
 
 async def _gather(streams: list[AsyncIterator[TextDelta]], request: Request) -> list[ChoiceResult]:
-    """Runs choices to completion, aborting them if the client goes away first."""
+    """Runs choices to completion, aborting them if the client goes away first (then: 499, which nobody reads,
+    instead of a CancelledError escaping to the server as an "Exception in ASGI application")."""
     work = asyncio.gather(*(collect_text(s) for s in streams))
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while not await request.is_disconnected():
             await asyncio.sleep(0.25)
+        gone = True
         work.cancel()
 
     watcher = asyncio.create_task(watch())
     try:
         return await work
+    except asyncio.CancelledError:
+        if not gone:  # this task itself was cancelled (e.g. server shutdown): let it propagate
+            raise
+        raise APIError(499, "the client closed the connection before the response was ready") from None
     finally:
         watcher.cancel()
 

@@ -110,7 +110,7 @@ class NativeEngine:
 
     def start(self) -> None:
         """Starts the loop thread after one warm-up step (readiness means a step has run)."""
-        warm = Sequence("warmup", [self.eos_ids[0] if self.eos_ids else 0], SamplingParams(max_tokens=1))
+        warm = Sequence("warmup", [self.eos_ids[0] if self.eos_ids else 0], SamplingParams(max_tokens=1, logprobs=1))
         self.scheduler.add(warm)
         self.runner.step(self.scheduler.schedule())
         self.scheduler.finish(warm)
@@ -242,12 +242,15 @@ class NativeEngine:
             return FinishReason.LENGTH
         return None
 
-    def _process(self, results: list[tuple[Sequence, int]]) -> None:
+    def _process(self, results) -> None:
         out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, GenerationEvent]]] = {}
-        for seq, token in results:
-            seq.token_ids.append(token)
-            self._stats.generation_tokens += 1
-            reason = self._finish_reason(seq, token)
+        for seq, token, logprob in results:
+            if token is None:  # prompt-only request (max_tokens 0): done once the prefill is
+                reason = FinishReason.LENGTH
+            else:
+                seq.token_ids.append(token)
+                self._stats.generation_tokens += 1
+                reason = self._finish_reason(seq, token)
             stream = self._streams.get(seq.request_id)
             if reason is not None:
                 self.scheduler.finish(seq)
@@ -256,8 +259,12 @@ class NativeEngine:
             if stream is None:
                 continue
             loop, q = stream
-            ev = GenerationEvent(seq.request_id, [token], reason, num_prompt_tokens=seq.num_prompt_tokens,
-                                 num_cached_tokens=seq.num_cached_tokens)
+            ev = GenerationEvent(seq.request_id, [] if token is None else [token], reason,
+                                 num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+                                 logprobs=None if logprob is None else [logprob])
+            if seq.prompt_logprobs is not None and seq.num_emitted == 0:
+                ev.prompt_logprobs = seq.prompt_logprobs
+            seq.num_emitted += 1
             out.setdefault(loop, []).append((q, ev))
         for loop, items in out.items():
             loop.call_soon_threadsafe(_deliver, items)

@@ -11,7 +11,7 @@ from fleetserve.engine.native.attention import AttentionMetadata, PrefillSegment
 from fleetserve.engine.native.block_manager import BlockManager
 from fleetserve.engine.native.kv_cache import KVCache
 from fleetserve.engine.native.model import LlamaModel
-from fleetserve.engine.native.sampler import sample
+from fleetserve.engine.native.sampler import sample, token_logprobs
 from fleetserve.engine.native.scheduler import ScheduledBatch
 from fleetserve.engine.native.sequence import Sequence
 
@@ -33,6 +33,7 @@ class ModelRunner:
         segments: list[PrefillSegment] = []
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
+        prompt_lp: list[tuple[Sequence, int, int]] = []  # (seq, first row, first position) of a chunk
         for seq, n in pairs:
             start = seq.num_computed_tokens
             positions = range(start, start + n)
@@ -45,8 +46,10 @@ class ModelRunner:
             else:
                 bt = torch.tensor(table, dtype=torch.long, device=self.device) if start else None
                 segments.append(PrefillSegment(len(ids) - n, len(ids), start + n, bt))
-            if start + n == len(seq.token_ids):  # prompt fully in the cache: a new token is due
-                sample_rows.append(len(ids) - 1)
+            if seq.wants_prompt_logprobs:
+                prompt_lp.append((seq, len(ids) - n, start))
+            if start + n == len(seq.token_ids) and seq.num_output_tokens < seq.sampling.max_tokens:
+                sample_rows.append(len(ids) - 1)  # prompt fully in the cache: a new token is due
                 sample_seqs.append(seq)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
@@ -63,17 +66,35 @@ class ModelRunner:
                 mask &= span[None, :] >= (ctx - window)[:, None]
             meta.decode_mask = mask.view(len(decode), 1, 1, -1)
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-                meta, sample_rows, sample_seqs, pairs)
+                meta, sample_rows, sample_seqs, pairs, prompt_lp)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, chunks: list[tuple[Sequence, int, int]], pairs) -> None:
+        """Logprob of each prompt token given the ones before it, for the positions this step computed."""
+        n_of = {id(s): n for s, n in pairs}
+        for seq, row0, pos0 in chunks:
+            # row for position p predicts token p + 1; only prompt tokens are scored
+            last = min(pos0 + n_of[id(seq)], seq.num_prompt_tokens - 1)
+            if last <= pos0:
+                continue
+            logits = self.model.compute_logits(hidden[row0 : row0 + last - pos0])
+            targets = seq.token_ids[pos0 + 1 : last + 1]
+            k = seq.sampling.prompt_logprobs
+            seq.prompt_logprobs.extend(token_logprobs(logits, targets, [k] * len(targets)))
 
     @torch.inference_mode()
-    def step(self, batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
-        """Computes the batch's tokens; returns (sequence, new token) for sequences that produced one."""
-        input_ids, positions, meta, rows, sample_seqs, pairs = self._prepare(batch)
+    def step(self, batch: ScheduledBatch) -> list[tuple[Sequence, int | None, object]]:
+        """Computes the batch's tokens. Returns (sequence, new token, its logprob) for sequences that
+        produced one, and (sequence, None, None) for finished prompts that asked for no new tokens."""
+        input_ids, positions, meta, rows, sample_seqs, pairs, prompt_lp = self._prepare(batch)
         hidden = self.model(input_ids, positions, self.kv.layers, meta)
+        if prompt_lp:
+            self._prompt_logprobs(hidden, prompt_lp, pairs)
+        out: list[tuple[Sequence, int | None, object]] = []
         for seq, n in pairs:
             seq.num_computed_tokens += n
-        if not rows:
-            return []
-        logits = self.model.compute_logits(hidden[rows])
-        tokens = sample(logits, sample_seqs, self.eos_ids)
-        return list(zip(sample_seqs, tokens))
+            if seq.sampling.max_tokens == 0 and seq.num_computed_tokens == len(seq.token_ids):
+                out.append((seq, None, None))
+        if rows:
+            tokens, lps = sample(self.model.compute_logits(hidden[rows]), sample_seqs, self.eos_ids)
+            out.extend(zip(sample_seqs, tokens, lps))
+        return out

@@ -1,6 +1,9 @@
 """Turns a batch of logits into next tokens: greedy rows by argmax, the rest filtered and sampled together.
 
-Seeded requests draw from their own generator so the same seed gives the same text in any batch.
+Order per row: raw logits (kept for logprobs) -> logits processors (grammar masks) -> logit bias ->
+repetition / presence / frequency penalties -> min_tokens EOS ban -> temperature, top-k, top-p,
+min-p -> argmax or a draw. Seeded requests draw from their own generator, so the same seed gives
+the same text in any batch.
 """
 
 from __future__ import annotations
@@ -8,20 +11,76 @@ from __future__ import annotations
 import torch
 
 from fleetserve.engine.native.sequence import Sequence
+from fleetserve.engine.types import TokenLogprob
 
 
-def _ban_eos_until_min_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> None:
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], k: list[int]) -> list[TokenLogprob]:
+    """logits [R, V] raw; the logprob and rank of token_ids[r] in row r, plus the top k[r]."""
+    logp = logits.float().log_softmax(dim=-1)
+    ids = torch.tensor(token_ids, device=logits.device)
+    chosen = logp.gather(1, ids[:, None]).squeeze(1)
+    ranks = (logp > chosen[:, None]).sum(dim=1) + 1
+    kmax = max(k) if k else 0
+    top_v, top_i = (logp.topk(kmax, dim=-1) if kmax else (None, None))
+    out = []
+    chosen_l, ranks_l = chosen.tolist(), ranks.tolist()
+    top_vl = top_v.tolist() if kmax else None
+    top_il = top_i.tolist() if kmax else None
+    for r, tid in enumerate(token_ids):
+        top = list(zip(top_il[r][: k[r]], top_vl[r][: k[r]])) if kmax and k[r] else []
+        out.append(TokenLogprob(tid, chosen_l[r], ranks_l[r], top))
+    return out
+
+
+def _apply_controls(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> None:
     for i, seq in enumerate(seqs):
         sp = seq.sampling
+        row = logits[i]
+        out_ids = seq.output_token_ids
+        for proc in sp.logits_processors:
+            proc(out_ids, row)
+        if sp.logit_bias:
+            idx = torch.tensor(list(sp.logit_bias), device=row.device)
+            row.index_add_(0, idx, torch.tensor(list(sp.logit_bias.values()), device=row.device, dtype=row.dtype))
+        if sp.needs_penalties:
+            _penalise(row, seq)
         if seq.num_output_tokens < sp.min_tokens:
             banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else eos_ids)
             if banned:
-                logits[i, banned] = float("-inf")
+                row[banned] = float("-inf")
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]) -> list[int]:
-    """logits [B, V] fp32 (modified in place)."""
-    _ban_eos_until_min_tokens(logits, seqs, eos_ids)
+def _penalise(row: torch.Tensor, seq: Sequence) -> None:
+    sp = seq.sampling
+    vocab = row.shape[0]
+    if sp.repetition_penalty != 1.0:  # HF/vLLM: over prompt and output tokens
+        seen = torch.tensor(sorted(set(seq.token_ids)), device=row.device)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty)
+    if (sp.presence_penalty or sp.frequency_penalty) and seq.num_output_tokens:  # OpenAI: output only
+        counts = torch.bincount(torch.tensor(seq.output_token_ids, device=row.device), minlength=vocab)
+        counts = counts[:vocab].to(row.dtype)
+        row -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]
+           ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits [B, V] fp32 (modified in place). Returns next tokens and, where asked, their logprobs."""
+    want_lp = [i for i, s in enumerate(seqs) if s.sampling.logprobs is not None]
+    raw = logits[want_lp].clone() if want_lp else None
+    if any(s.sampling.logits_processors or s.sampling.logit_bias or s.sampling.needs_penalties
+           or s.num_output_tokens < s.sampling.min_tokens for s in seqs):
+        _apply_controls(logits, seqs, eos_ids)
+    tokens = _choose(logits, seqs)
+    lps: list[TokenLogprob | None] = [None] * len(seqs)
+    if want_lp:
+        got = token_logprobs(raw, [tokens[i] for i in want_lp], [seqs[i].sampling.logprobs for i in want_lp])
+        for i, lp in zip(want_lp, got):
+            lps[i] = lp
+    return tokens, lps
+
+
+def _choose(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     greedy = [s.sampling.greedy for s in seqs]
     argmax = logits.argmax(dim=-1)
     if all(greedy):

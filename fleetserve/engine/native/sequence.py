@@ -33,6 +33,7 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.arrival = time.monotonic()
         self.num_emitted = 0  # output tokens already handed to the frontend
+        self.prompt_logprobs: list | None = [None] if sampling.prompt_logprobs is not None else None
         self.generator: torch.Generator | None = None
         if sampling.seed is not None:
             self.generator = torch.Generator().manual_seed(sampling.seed)
@@ -51,6 +52,11 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt positions still lacking a logprob (they are computed with the prefill, chunk by chunk)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
