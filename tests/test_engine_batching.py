@@ -43,7 +43,8 @@ async def test_concurrent_requests_equal_their_solo_outputs_in_far_fewer_steps(d
 
 
 async def test_chunked_prefill_gives_identical_outputs(make_engine, prompts, solo_outputs):
-    engine = make_engine(max_batch_tokens=8)  # every prompt (> 20 tokens) is split over several steps
+    # every prompt (> 20 tokens) is split over several steps; no prefix cache, so every token is computed
+    engine = make_engine(max_batch_tokens=8, enable_prefix_caching=False)
     outs = await asyncio.gather(*(engine_generate(engine, p, 24) for p in prompts[:6]))
     assert outs == solo_outputs[:6]
     assert engine.stats().prompt_tokens_computed >= sum(len(p) for p in prompts[:6])
@@ -146,3 +147,25 @@ async def test_seeded_sampling_is_reproducible_in_any_batch(default_engine, prom
     # top_k=1 is greedy whatever the temperature
     greedy = await engine_generate(default_engine, prompts[3], 20, ignore_eos=True)
     assert await engine_generate(default_engine, prompts[3], 20, ignore_eos=True, temperature=1.5, top_k=1) == greedy
+
+
+async def test_prefix_cache_reuses_shared_prompt_prefix(make_engine, tokenizer):
+    """A long shared system prompt is computed once; outputs equal those of an engine without the cache."""
+    system = "You are a meticulous assistant. " * 12
+    chats = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                                              {"role": "user", "content": q}]),
+                              add_special_tokens=False) for q in QUESTIONS[:6]]
+    cached, plain = make_engine(), make_engine(enable_prefix_caching=False)
+    want = [await engine_generate(plain, p, 12) for p in chats]
+    before = cached.stats().prompt_tokens_computed
+    got = [await engine_generate(cached, p, 12) for p in chats]
+    computed = cached.stats().prompt_tokens_computed - before
+    assert got == want
+    shared = len(tokenizer.encode(tokenizer.apply_chat_template([{"role": "system", "content": system}]),
+                                  add_special_tokens=False))
+    # every request after the first skips the shared blocks
+    assert computed <= sum(len(p) for p in chats) - 5 * (shared // 16) * 16
+    stats = cached.stats()
+    assert stats.prefix_cache_hit_tokens >= 5 * (shared // 16) * 16
+    assert 0 < stats.prefix_cache_hit_rate < 1
+    assert cached.block_manager.num_used == 0

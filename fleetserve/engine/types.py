@@ -108,7 +108,13 @@ class EngineStats:
     prompt_tokens_computed: int = 0
     generation_tokens: int = 0
     preemptions: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_queried_tokens: int = 0
     aborts: int = 0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hit_tokens / self.prefix_cache_queried_tokens if self.prefix_cache_queried_tokens else 0.0
 
     @property
     def kv_usage(self) -> float:

@@ -52,6 +52,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None
     block_size: int = 16
     max_queue_len: int = 256
+    enable_prefix_caching: bool = True
 
 
 class NativeEngine:
@@ -64,7 +65,7 @@ class NativeEngine:
             raise ValueError("max_batch_tokens must be at least 1")
         num_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache(model_cfg, num_blocks, cfg.block_size, dtype, device)
-        self.block_manager = BlockManager(num_blocks, cfg.block_size)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_batch_tokens, cfg.max_running_seqs)
         self.runner = ModelRunner(model, self.kv_cache, self.block_manager, eos_ids, device)
         self.eos_ids = eos_ids
@@ -145,6 +146,8 @@ class NativeEngine:
         s.running = len(self.scheduler.running)
         s.waiting = len(self.scheduler.waiting) + self._inbox.qsize()
         s.kv_blocks_used = self.block_manager.num_used
+        s.prefix_cache_hit_tokens = self.block_manager.hit_tokens
+        s.prefix_cache_queried_tokens = self.block_manager.queried_tokens
         return s
 
     # ---- requests --------------------------------------------------------------------------

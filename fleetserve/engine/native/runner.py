@@ -92,6 +92,7 @@ class ModelRunner:
         out: list[tuple[Sequence, int | None, object]] = []
         for seq, n in pairs:
             seq.num_computed_tokens += n
+            self.bm.commit_full_blocks(seq)
             if seq.sampling.max_tokens == 0 and seq.num_computed_tokens == len(seq.token_ids):
                 out.append((seq, None, None))
         if rows:

@@ -82,11 +82,13 @@ class Scheduler:
         # Admit waiting sequences while tokens, sequence slots and blocks allow (FCFS: no overtaking).
         while self.waiting and budget > 0 and len(self.running) < self.max_running_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
+            prefix = self.bm.match_prefix(seq)
             # Admit only if the whole prompt will fit: a half-admitted prompt would just be preempted.
-            if self.bm.blocks_needed(seq, seq.num_uncomputed) > self.bm.num_free:
+            if not self.bm.can_admit(seq, prefix):
                 break
             self.waiting.popleft()
+            self.bm.use_prefix(seq, prefix)
+            n = min(seq.num_uncomputed, budget)
             self.bm.allocate(seq, n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

@@ -30,6 +30,8 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained hashes of the full blocks computed so far
+        self.admitted_before = False
         self.finish_reason: FinishReason | None = None
         self.arrival = time.monotonic()
         self.num_emitted = 0  # output tokens already handed to the frontend
