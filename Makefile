@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install model up test test-fast lint bench clean
+.PHONY: install model up serve test test-fast lint bench clean
 
 install: $(STAMP) model
 
@@ -24,6 +24,9 @@ model: $(STAMP)
 	$(VENV)/bin/fleetserve models pull default
 
 up: install
+	$(VENV)/bin/fleetserve up
+
+serve: install
 	$(VENV)/bin/fleetserve serve
 
 test: install

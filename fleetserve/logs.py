@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import logging.handlers
+import os
 import re
 import sys
 import threading
@@ -118,9 +120,31 @@ def parse_level(level: str | int) -> int:
         raise ValueError(f"unknown log level {level!r}; allowed: debug, info, warning, error") from None
 
 
-def setup_logging(level: str, json_logs: bool | None = None, log_file: Path | None = None) -> None:
-    """Configure the root logger; JSON when stderr is not a TTY (or json_logs=True). Idempotent."""
+LOG_FILE_MAX_BYTES = 64 << 20  # rotate the log file at 64 MiB, keeping LOG_FILE_BACKUPS old ones
+LOG_FILE_BACKUPS = 3
+
+
+def open_log_file(log_file: Path) -> tuple[logging.Handler | None, str | None]:
+    """A rotating JSON-lines file handler, or (None, why not): a log file must never stop the server."""
+    try:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_FILE_MAX_BYTES,
+                                                       backupCount=LOG_FILE_BACKUPS, encoding="utf-8")
+    except OSError as exc:
+        return None, f"cannot write the log file {log_file}: {exc.strerror or exc}"
+    handler.setFormatter(JsonFormatter())
+    return handler, None
+
+
+def setup_logging(level: str, json_logs: bool | None = None, log_file: Path | None = None) -> str | None:
+    """Configure the root logger; JSON when stderr is not a TTY (or json_logs=True). Idempotent.
+
+    With `log_file`, lines also go (as JSON) to that file. If it cannot be opened, logging goes on
+    without it: the problem is logged (to stderr) and returned, for /health to report; else None.
+    """
     numeric_level = parse_level(level)
+    for noisy in ("httpx", "httpcore"):  # one line per health probe would drown everything else
+        logging.getLogger(noisy).setLevel(max(numeric_level, logging.WARNING))
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_fleetserve", False):
@@ -144,13 +168,35 @@ def setup_logging(level: str, json_logs: bool | None = None, log_file: Path | No
             handler = logging.StreamHandler(stream)
             handler.setFormatter(_PlainFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     handlers = [handler]
+    file_error = None
     if log_file is not None:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file, encoding="utf-8")
-        file_handler.setFormatter(JsonFormatter())
-        handlers.append(file_handler)
+        file_handler, file_error = open_log_file(log_file)
+        if file_handler is not None:
+            handlers.append(file_handler)
     for h in handlers:
         h.addFilter(RedactingFilter())
         h._fleetserve = True  # type: ignore[attr-defined]
         root.addHandler(h)
     root.setLevel(numeric_level)
+    if file_error:
+        logging.getLogger("fleetserve").error("%s; logging to stderr only", file_error)
+    return file_error
+
+
+def tail_lines(path: Path, n: int, block_size: int = 64 << 10) -> list[str]:
+    """The last `n` lines of a text file, read backwards in blocks (never the whole file)."""
+    if n <= 0:
+        return []
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        pos = f.tell()
+        data = b""
+        while pos > 0 and data.count(b"\n") <= n:
+            step = min(block_size, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if pos > 0:  # the first line may be a partial one: there are more than n lines, so drop it
+        lines = lines[1:]
+    return lines[-n:]

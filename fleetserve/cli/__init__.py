@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fleetserve import __version__
+from fleetserve.cli import platform as platform_commands
 from fleetserve.cli.serve import EXIT_CONFIG, SERVE_EPILOG, SERVE_HELP, serve
 
 APP_HELP = """\
@@ -63,6 +64,7 @@ app = typer.Typer(
 models_app = typer.Typer(help=MODELS_HELP, epilog=MODELS_EPILOG, rich_markup_mode="rich", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.command("serve", help=SERVE_HELP, epilog=SERVE_EPILOG)(serve)
+platform_commands.register(app)
 
 
 def _version_callback(value: bool) -> None:
