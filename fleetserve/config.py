@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 BLOCK_SIZES = (8, 16, 32, 64, 128)
-SECRET_FIELDS = frozenset({"hf_token"})
+SECRET_FIELDS = frozenset({"hf_token", "api_keys"})
+MIN_API_KEY_LEN = 8  # shorter keys are guessable, and too short to be redacted from logs safely
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # 4 MiB
 
 # Fields that only the platform sets, through its own env vars; no other source may set them.
 ENV_ONLY = {
@@ -36,6 +39,11 @@ SEED_ENV = {
     "MAX_TOTAL_TOKENS": "kv_cache_tokens",  # SGLang's meaning: KV pool size in tokens
     "HF_TOKEN": "hf_token",
     "HOST": "host",
+}
+
+# Extra FLEETSERVE_* names (beside FLEETSERVE_<FIELD>), applied after the generic ones.
+FLEETSERVE_ENV_ALIASES = {
+    "FLEETSERVE_API_KEY": "api_keys",  # one key, or several separated by commas
 }
 
 # Seed 000's DEPLOYMENT_CONFIG_JSON keys -> fleetserve field.
@@ -71,6 +79,14 @@ ALLOWED = {
     "port": "an integer from 1 to 65535",
     "log_level": "one of debug, info, warning, error (any case)",
     "hf_token": "a Hugging Face access token",
+    "api_keys": f"API keys of at least {MIN_API_KEY_LEN} characters without spaces or commas "
+                "(a list, or one string of comma-separated keys)",
+    "cors_origins": "origins like https://app.example.com or http://localhost:3000 (scheme://host[:port], "
+                    "no path), or * for any origin (a list, or one comma-separated string)",
+    "max_body_bytes": "a positive integer (bytes)",
+    "metrics_auth": "true or false",
+    "log_file": "a file path (its directory is created if missing)",
+    "drain_timeout_s": "a number of seconds >= 0",
     "hathora_region": "a string (set by Hathora)",
     "hathora_process_id": "a string (set by Hathora)",
     "hathora_hostname": "a string (set by Hathora)",
@@ -109,6 +125,12 @@ class ServeConfig(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     hf_token: SecretStr | None = None
+    api_keys: list[SecretStr] = Field(default_factory=list)  # empty: no route requires a key
+    cors_origins: list[str] = Field(default_factory=list)  # empty: no cross-origin browser access
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
+    metrics_auth: bool = False  # True: /metrics requires a key too (when keys are configured)
+    log_file: Path | None = None  # None: $FLEETSERVE_HOME/logs/worker-<port>.log
+    drain_timeout_s: float = Field(30.0, ge=0)
     hathora_region: str | None = None
     hathora_process_id: str | None = None
     hathora_hostname: str | None = None
@@ -126,7 +148,7 @@ class ServeConfig(BaseModel):
         return value
 
     @field_validator("max_model_len", "max_batch_tokens", "max_running_seqs", "kv_cache_tokens", "block_size",
-                     "max_queue_len", "port", mode="before")
+                     "max_queue_len", "port", "max_body_bytes", mode="before")
     @classmethod
     def _no_bool(cls, value: Any) -> Any:
         if isinstance(value, bool):  # YAML `port: yes` must not become port 1
@@ -139,6 +161,66 @@ class ServeConfig(BaseModel):
         if value not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {value}")
         return value
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """One string (an env var) is a comma-separated list; blanks between commas are dropped."""
+        if isinstance(value, (str, SecretStr)):
+            value = value.get_secret_value() if isinstance(value, SecretStr) else value
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            return [v.strip() if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for i, key in enumerate(keys):
+            raw = key.get_secret_value()  # never put the key itself in the message
+            if len(raw) < MIN_API_KEY_LEN:
+                raise ValueError(f"API key #{i + 1} is {len(raw)} characters long; at least {MIN_API_KEY_LEN} "
+                                 "are required")
+            if any(c.isspace() or c == "," for c in raw):
+                raise ValueError(f"API key #{i + 1} contains a space or a comma, which cannot be sent in a "
+                                 "Bearer header or a comma-separated list")
+        return keys
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _cors_origins(cls, origins: list[str]) -> list[str]:
+        out = []
+        for origin in origins:
+            origin = origin.rstrip("/") if origin != "*" else origin
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"CORS origin {origin!r} is not scheme://host[:port] (e.g. https://app.example.com)"
+                                 " or *")
+            out.append(origin)
+        return out
+
+    @field_validator("log_file", mode="before")
+    @classmethod
+    def _log_file(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            return Path(value).expanduser() if value else None
+        return value
+
+
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+")
+
+
+def fleetserve_home(env: Mapping[str, str] | None = None) -> Path:
+    """Root of fleetserve's state: ``$FLEETSERVE_HOME`` or ``~/.fleetserve``."""
+    value = (os.environ if env is None else env).get("FLEETSERVE_HOME")
+    return Path(value).expanduser() if value else Path.home() / ".fleetserve"
+
+
+def resolve_log_file(cfg: ServeConfig, env: Mapping[str, str] | None = None) -> Path:
+    """The worker's log file: ``log_file`` if set, else ``$FLEETSERVE_HOME/logs/worker-<port>.log``."""
+    if cfg.log_file is not None:
+        return cfg.log_file
+    return fleetserve_home(env) / "logs" / f"worker-{cfg.port}.log"
 
 
 FIELDS: tuple[str, ...] = tuple(ServeConfig.model_fields)
@@ -153,7 +235,7 @@ def load_serve_config(
     """Merge every source by precedence and validate; returns the config and each field's source."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
-    sources: dict[str, str] = {f: "default" for f in FIELDS}
+    sources: dict[str, str] = dict.fromkeys(FIELDS, "default")
 
     def put(layer: Mapping[str, Any], source: str) -> None:
         for key, value in layer.items():
@@ -173,6 +255,9 @@ def load_serve_config(
             put({field: value}, f"env {name}")
     for field in SETTABLE:
         name = f"FLEETSERVE_{field.upper()}"
+        if (value := _env(env, name)) is not None:
+            put({field: value}, f"env {name}")
+    for name, field in FLEETSERVE_ENV_ALIASES.items():
         if (value := _env(env, name)) is not None:
             put({field: value}, f"env {name}")
     put(_check_cli(cli), "cli")
@@ -290,6 +375,8 @@ def config_as_dict(cfg: ServeConfig, redact: bool = True) -> dict[str, Any]:
         secret = getattr(cfg, field)
         if secret is None:
             out[field] = None
+        elif isinstance(secret, list):
+            out[field] = ["***" if redact else s.get_secret_value() for s in secret]
         else:
             out[field] = "***" if redact else secret.get_secret_value()
     return out

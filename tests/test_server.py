@@ -341,16 +341,8 @@ def test_completions_invalid_parameters_are_400(live, patch, param):
 
 
 UNSUPPORTED = [
-    ("chat", {"logprobs": True}, "logprobs"),
-    ("chat", {"top_logprobs": 3}, "top_logprobs"),
-    ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
-    ("chat", {"logit_bias": {"504": 10}}, "logit_bias"),
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ("cmpl", {"echo": True}, "echo"),
-    ("cmpl", {"logprobs": 0}, "logprobs"),
     ("cmpl", {"best_of": 3}, "best_of"),
-    ("cmpl", {"frequency_penalty": -1}, "frequency_penalty"),
 ]
 
 

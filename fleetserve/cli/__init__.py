@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fleetserve import __version__
+from fleetserve.bench.cli import BENCH_EPILOG, BENCH_HELP, bench
 from fleetserve.cli import platform as platform_commands
 from fleetserve.cli.serve import EXIT_CONFIG, SERVE_EPILOG, SERVE_HELP, serve
 
@@ -64,6 +65,7 @@ app = typer.Typer(
 models_app = typer.Typer(help=MODELS_HELP, epilog=MODELS_EPILOG, rich_markup_mode="rich", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.command("serve", help=SERVE_HELP, epilog=SERVE_EPILOG)(serve)
+app.command("bench", help=BENCH_HELP, epilog=BENCH_EPILOG)(bench)
 platform_commands.register(app)
 
 

@@ -23,7 +23,9 @@ EXIT_CONFIG = 2  # usage/config problems, like click's own usage errors
 SERVE_HELP = """\
 Serve one model behind an OpenAI-compatible HTTP API, using fleetserve's native engine.
 
-The worker answers /v1/chat/completions, /v1/completions and /v1/models (streaming or not), plus /health, /healthz (liveness) and /readyz (readiness). The model is loaded once at start-up and requests are batched continuously.
+The worker answers /v1/chat/completions, /v1/completions and /v1/models (streaming or not), plus /health, /healthz (liveness), /readyz (readiness), /metrics (Prometheus) and /logs (the tail of its log file). The model is loaded once at start-up and requests are batched continuously.
+
+With --api-key (or FLEETSERVE_API_KEY) every route except /health, /healthz, /readyz and (unless --metrics-auth) /metrics requires 'Authorization: Bearer <key>'; with no key configured nothing requires one. Every request gets an X-Request-ID (the caller's, or a new one) that appears in its log lines. On SIGTERM or SIGINT the worker drains: /readyz turns 503, new requests get 503, requests in flight finish (up to --drain-timeout seconds), then it exits 0; a second signal exits at once.
 
 Every option can also come from the environment or a file. Precedence, highest first: command-line flags, FLEETSERVE_<FIELD> variables (e.g. FLEETSERVE_PORT), the seed names MODEL_PATH, PORT, HOST, LOG_LEVEL, MAX_TOTAL_TOKENS and HF_TOKEN, HATHORA_DEFAULT_PORT (port only), DEPLOYMENT_CONFIG_JSON, the YAML file given with --config, then built-in defaults. Use --print-config to see the value and source of every setting, and --dry-run to check the config, model, port and device without serving.
 """
@@ -40,11 +42,15 @@ SERVE_EPILOG = """\
   PORT=8080 fleetserve serve --config serve.yaml --print-config
 
   fleetserve serve --dry-run && fleetserve serve    [dim]# check first, then run[/dim]
+
+  FLEETSERVE_API_KEY=k1-secret,k2-secret fleetserve serve --host 0.0.0.0 --cors-origin https://app.example.com
 """
 
 _MODEL = "Model"
 _ENGINE = "Engine"
 _SERVER = "Server"
+_SECURITY = "Security"
+_OBSERVABILITY = "Observability"
 _CONFIG = "Configuration"
 
 
@@ -88,8 +94,31 @@ def serve(
         help="Address to bind. \\[default: 127.0.0.1; 0.0.0.0 on Hathora]", rich_help_panel=_SERVER)] = None,
     port: Annotated[int | None, typer.Option(
         "--port", "-p", help="TCP port to listen on. \\[default: 8000]", rich_help_panel=_SERVER)] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(
+        help="Largest request body accepted, in bytes; larger ones get HTTP 413 (checked from Content-Length "
+        "and while reading chunked bodies). \\[default: 4194304 (4 MiB)]", rich_help_panel=_SERVER)] = None,
+    drain_timeout: Annotated[float | None, typer.Option(
+        "--drain-timeout", help="On SIGTERM/SIGINT, seconds to let requests in flight finish before exiting. "
+        "\\[default: 30]", rich_help_panel=_SERVER)] = None,
+    api_key: Annotated[list[str] | None, typer.Option(
+        "--api-key", help="An API key clients must send as 'Authorization: Bearer <key>' (at least 8 characters); "
+        "repeat for several. Visible to other users in the process list: prefer FLEETSERVE_API_KEY (one key or "
+        "several separated by commas). Never printed or logged. \\[default: none, no key required]",
+        rich_help_panel=_SECURITY, show_default=False)] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        "--cors-origin", help="A browser origin allowed to call the API cross-origin, e.g. "
+        "https://app.example.com, or * for any; repeat for several. \\[default: none, cross-origin calls "
+        "blocked]", rich_help_panel=_SECURITY, show_default=False)] = None,
+    metrics_auth: Annotated[bool | None, typer.Option(
+        "--metrics-auth/--no-metrics-auth", help="Require an API key for /metrics too (when keys are "
+        "configured). \\[default: /metrics is open]", rich_help_panel=_SECURITY, show_default=False)] = None,
     log_level: Annotated[str | None, typer.Option(
-        help="debug | info | warning | error (any case). \\[default: info]", rich_help_panel=_SERVER)] = None,
+        help="debug | info | warning | error (any case). \\[default: info]", rich_help_panel=_OBSERVABILITY)] = None,
+    log_file: Annotated[Path | None, typer.Option(
+        help="File the worker also writes its JSON log lines to (served by GET /logs). If it cannot be "
+        "written the worker still serves, and /health reports log_file_error. "
+        "\\[default: $FLEETSERVE_HOME/logs/worker-<port>.log]", rich_help_panel=_OBSERVABILITY,
+        dir_okay=False)] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", "-c", help="YAML file of settings (same field names as the options, e.g. max_batch_tokens).",
         rich_help_panel=_CONFIG, dir_okay=False)] = None,
@@ -105,7 +134,9 @@ def serve(
         "precision": precision, "device": device, "max_model_len": max_model_len,
         "max_batch_tokens": max_batch_tokens, "max_running_seqs": max_running_seqs,
         "kv_cache_tokens": kv_cache_tokens, "block_size": block_size, "max_queue_len": max_queue_len,
-        "host": host, "port": port, "log_level": log_level,
+        "host": host, "port": port, "log_level": log_level, "max_body_bytes": max_body_bytes,
+        "drain_timeout_s": drain_timeout, "api_keys": api_key or None, "cors_origins": cors_origin or None,
+        "metrics_auth": metrics_auth, "log_file": log_file,
     }
     cli = {k: v for k, v in cli.items() if v is not None}
     out, err = Console(), Console(stderr=True)
@@ -132,6 +163,8 @@ def serve(
     setup_logging(cfg.log_level)
     if cfg.hf_token is not None:
         register_secret(cfg.hf_token.get_secret_value())
+    for key in cfg.api_keys:
+        register_secret(key.get_secret_value())
     from fleetserve.server.app import run_server
 
     run_server(cfg)

@@ -74,6 +74,9 @@ async def patch(name: str, body: DeploymentPatch, p=Depends(platform)) -> Deploy
                                        "msg": f"replicas.max ({hi}) must be >= replicas.min ({lo}) and >= 1"}])
         spec.replicas.min, spec.replicas.max = lo, hi
         changes.append(f"replicas {lo}..{hi}")
+    if body.autoscale is not None:
+        spec.autoscale = body.autoscale
+        changes.append("autoscale policy")
     rolling = False
     if body.engine_args is not None:
         try:

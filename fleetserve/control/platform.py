@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fleetserve import __version__
+from fleetserve.console import install_console
 from fleetserve.control import api
+from fleetserve.control.autoscaler import Autoscaler
 from fleetserve.control.metrics import MetricsCollector
 from fleetserve.control.providers.local import LocalProvider
 from fleetserve.control.reconciler import Reconciler
@@ -38,12 +41,20 @@ class Platform:
         self.api_keys = [k.encode() for k in api_keys or []]
         self.store = Store(home / "fleetserve.db", SecretBox(home / "secret.key"))
         self.provider = LocalProvider(home)
-        self.gateway = Gateway()
+        self.gateway = Gateway(holdable=self._holdable, on_demand=self._on_demand)
         self.reconciler = Reconciler(self.store, self.provider, on_change=self.gateway.update,
                                      interval_s=reconcile_interval_s)
         self.metrics = MetricsCollector(metrics_interval_s)
+        self.autoscaler = Autoscaler(self.store, self.reconciler, self.gateway, self.metrics)
         self.default_deployment = default_deployment
-        self._metrics_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    def _holdable(self, name: str) -> bool:
+        d = self.store.get(name)
+        return d is not None and not d.deleting and d.status != "failed"
+
+    def _on_demand(self, name: str) -> None:
+        self.autoscaler.step(time.time())
 
     def deployment_names(self) -> list[str]:
         return [d.name for d in self.store.list() if not d.deleting]
@@ -53,15 +64,23 @@ class Platform:
             self.store.create(DeploymentSpec(name="default", model="default"))
             self.store.event("default", "Created", "the embedded default model, created by `fleetserve up`")
         self.reconciler.start()
-        self._metrics_task = asyncio.create_task(self._collect())
+        self._tasks = [asyncio.create_task(self._collect()), asyncio.create_task(self._autoscale())]
 
     async def stop(self, stop_replicas: bool = True) -> None:
-        if self._metrics_task:
-            self._metrics_task.cancel()
-            await asyncio.gather(self._metrics_task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.reconciler.stop(stop_replicas)
         await self.gateway.close()
         await self.metrics.close()
+
+    async def _autoscale(self) -> None:
+        while True:
+            try:
+                self.autoscaler.step(time.time())
+            except Exception:
+                log.exception("autoscaler step failed")
+            await asyncio.sleep(1.0)
 
     async def _collect(self) -> None:
         while True:
@@ -70,7 +89,11 @@ class Platform:
                 traffic = self.gateway.traffic.get(d.name)
                 ttfb = [s for _, s in traffic.ttfb] if traffic else []
                 try:
-                    await self.metrics.sample(d.name, ready, traffic.requests if traffic else 0, ttfb)
+                    point = await self.metrics.sample(d.name, ready, traffic.requests if traffic else 0, ttfb)
+                    cold = [held for ts, held in (traffic.cold_starts if traffic else ()) if ts > point["ts"] - 60]
+                    point["cold_start_ms"] = round(max(cold) * 1000, 1) if cold else None
+                    point["desired_replicas"] = self.reconciler.desired(d)
+                    point["in_flight"] = (traffic.in_flight if traffic else 0) + self.gateway.pending.get(d.name, 0)
                 except Exception:
                     log.exception("metrics sample for %s failed", d.name)
             for name in set(self.metrics.series) - {d.name for d in self.store.list()}:
@@ -83,7 +106,7 @@ def create_platform_app(p: Platform) -> FastAPI:
         if not p.api_keys:
             return
         token = (credentials.credentials if credentials else "").encode()
-        if not any([hmac.compare_digest(token, k) for k in p.api_keys]):
+        if not any([hmac.compare_digest(token, k) for k in p.api_keys]):  # noqa: C419 (check every key)
             raise deny(request, 401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                        "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
@@ -104,4 +127,5 @@ def create_platform_app(p: Platform) -> FastAPI:
 
     app.include_router(api.router, dependencies=[Depends(require_admin)])
     app.include_router(make_router(p.gateway, p.deployment_names), dependencies=[Depends(require_admin)])
+    install_console(app)  # `/` and `/static`: no data in them, so no key (the API calls they make need one)
     return app

@@ -60,7 +60,7 @@ class Reconciler:
                 log.exception("reconcile pass failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
 
@@ -94,7 +94,7 @@ class Reconciler:
         replicas = self.store.replicas(d.name)
         now = time.time()
         await self._observe(d, h, replicas, now)
-        replicas = [r for r in self.store.replicas(d.name)]
+        replicas = self.store.replicas(d.name)
         if d.deleting:
             await self._delete(d, h, replicas)
             return
@@ -172,6 +172,7 @@ class Reconciler:
         r.status = "draining"
         self.store.put_replica(r)
         h.draining[r.id] = time.time() + DRAIN_TIMEOUT_S
+        self._publish(d.name)  # out of routing first, then drain: no new request reaches it
         self.provider.terminate(r)
         self.store.event(d.name, "ReplicaDraining", f"draining replica {r.id}: {why}")
 

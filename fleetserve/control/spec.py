@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from fleetserve.control.autoscaler import AutoscalePolicy
+
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 # engine_args a deployment may pass to its workers (fleetserve serve options)
@@ -43,6 +45,7 @@ class DeploymentSpec(BaseModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_model_len: int | None = Field(None, ge=16)
     replicas: Replicas = Field(default_factory=Replicas)
+    autoscale: AutoscalePolicy = Field(default_factory=AutoscalePolicy)
     engine_args: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -84,6 +87,7 @@ class DeploymentPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     replicas: ReplicasPatch | None = None
+    autoscale: AutoscalePolicy | None = None
     engine_args: dict[str, Any] | None = None
 
 

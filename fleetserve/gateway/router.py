@@ -8,6 +8,7 @@ A connection failure before the first byte ejects the replica briefly and retrie
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -62,14 +63,19 @@ class DeploymentTraffic:
     errors: int = 0
     in_flight: int = 0
     ttfb: deque = field(default_factory=lambda: deque(maxlen=2048))  # (monotonic ts, seconds)
+    cold_starts: deque = field(default_factory=lambda: deque(maxlen=256))  # (wall ts, seconds held)
     last_request: float = 0.0
 
 
 class Gateway:
-    def __init__(self, internal_key: str | None = None):
+    def __init__(self, internal_key: str | None = None, hold_timeout_s: float = 120.0,
+                 holdable=lambda name: False, on_demand=lambda name: None):
         self.sets: dict[str, ReplicaSet] = {}
         self.traffic: dict[str, DeploymentTraffic] = {}
+        self.pending: dict[str, int] = {}  # requests held while a deployment starts from zero
         self.internal_key = internal_key
+        self.hold_timeout_s = hold_timeout_s
+        self.holdable, self.on_demand = holdable, on_demand
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0),
                                         limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
 
@@ -88,10 +94,12 @@ class Gateway:
 
     async def forward(self, deployment: str, path: str, request: Request, body: bytes,
                       affinity_key: str | None) -> Response:
-        rs = self.sets.get(deployment)
         traffic = self.traffic.setdefault(deployment, DeploymentTraffic())
         traffic.requests += 1
         traffic.last_request = time.time()
+        rs = self.sets.get(deployment)
+        if (rs is None or not rs.urls) and self.holdable(deployment):
+            rs = await self._hold(deployment, traffic)
         if rs is None or not rs.urls:
             traffic.errors += 1
             return error_response(503, f"deployment '{deployment}' has no ready replica yet; retry shortly",
@@ -129,6 +137,22 @@ class Gateway:
                                      headers={k: v for k, v in upstream.headers.items()
                                               if k.lower() not in HOP_HEADERS | {"content-encoding"}},
                                      media_type=upstream.headers.get("content-type"))
+
+    async def _hold(self, deployment: str, traffic: DeploymentTraffic) -> ReplicaSet | None:
+        """Scale from zero / cold start: keep the request until a replica is ready (bounded)."""
+        self.pending[deployment] = self.pending.get(deployment, 0) + 1
+        start = time.monotonic()
+        try:
+            self.on_demand(deployment)
+            while time.monotonic() - start < self.hold_timeout_s:
+                rs = self.sets.get(deployment)
+                if rs is not None and rs.urls:
+                    traffic.cold_starts.append((time.time(), time.monotonic() - start))
+                    return rs
+                await asyncio.sleep(0.1)
+            return None
+        finally:
+            self.pending[deployment] -= 1
 
     async def _relay(self, upstream: httpx.Response, rs: ReplicaSet, url: str, traffic: DeploymentTraffic):
         try:

@@ -1,7 +1,12 @@
 """The worker HTTP app (FastAPI) and `run_server`, the body of `fleetserve serve`.
 
 The HTTP server starts at once (so /healthz answers and /readyz says "loading"); the model loads
-in a background thread and /readyz turns 200 after the engine has run one warm-up step.
+in a background thread and /readyz turns 200 after the engine has run one warm-up step. On SIGTERM
+or SIGINT the worker drains (see `drain.py`) and exits 0.
+
+Middleware, outermost first: request id / timing / access log / request metrics, CORS (only when
+origins are configured), body size limit. Inference routers include `INFERENCE_DEPENDENCIES`
+(API key + refusing new work while draining).
 """
 
 from __future__ import annotations
@@ -10,18 +15,28 @@ import asyncio
 import logging
 import threading
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from rich.console import Console
 
 from fleetserve import __version__
-from fleetserve.config import ServeConfig
+from fleetserve.config import ServeConfig, resolve_log_file
 from fleetserve.device import resolve_device, resolve_dtype
 from fleetserve.engine.native.engine import EngineConfig, NativeEngine
+from fleetserve.logs import register_secret, setup_logging
 from fleetserve.models import ModelFiles, resolve_model
-from fleetserve.server import routes_health, routes_openai
+from fleetserve.server import routes_batch, routes_health, routes_openai, routes_ops
+from fleetserve.server.auth import INFERENCE_DEPENDENCIES
 from fleetserve.server.errors import install_error_handlers
+from fleetserve.server.middleware import (
+    PROCESS_TIME_HEADER,
+    REQUEST_ID_HEADER,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+)
 from fleetserve.server.state import WorkerState
 from fleetserve.tokenizer import Tokenizer
 
@@ -45,7 +60,7 @@ def load_engine(state: WorkerState, progress: bool = False) -> None:
         engine = NativeEngine.load(files.format, files.path, tokenizer.eos_token_ids, engine_config(cfg),
                                    device, dtype, progress=progress)
         engine.start()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (any load failure is reported by /readyz, not raised)
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.error("model failed to load: %s", state.load_error)
         return
@@ -73,24 +88,51 @@ def create_app(state: WorkerState, load: bool = True, on_load_failure=None) -> F
         if load and state.engine is not None:
             await state.engine.shutdown(drain=False)
 
+    cfg = state.config
+    for key in cfg.api_keys:
+        register_secret(key.get_secret_value())
+    if cfg.metrics_auth and not cfg.api_keys:
+        log.warning("metrics_auth is set but no API key is configured, so /metrics stays open; "
+                    "add keys with --api-key or FLEETSERVE_API_KEY")
     app = FastAPI(title="fleetserve worker", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible inference server backed by fleetserve's native engine.")
     app.state.worker = state
     install_error_handlers(app)
     app.include_router(routes_health.router)
-    app.include_router(routes_openai.router)
+    app.include_router(routes_ops.router)
+    app.include_router(routes_openai.router, dependencies=INFERENCE_DEPENDENCIES)
+    app.include_router(routes_batch.router, dependencies=INFERENCE_DEPENDENCIES)
+    # add_middleware puts each new one outside the previous ones: innermost first.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
+    if cfg.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+                           expose_headers=[REQUEST_ID_HEADER, PROCESS_TIME_HEADER, "Retry-After"], max_age=600)
+    app.add_middleware(RequestContextMiddleware, state=state)
     return app
+
+
+def configure_worker_logging(cfg: ServeConfig, json_logs: bool | None = None) -> tuple[Path, str | None]:
+    """Logging to stderr and to the worker's log file; returns (the file, why it cannot be written or None)."""
+    path = resolve_log_file(cfg)
+    return path, setup_logging(cfg.log_level, json_logs=json_logs, log_file=path)
 
 
 def run_server(cfg: ServeConfig) -> None:
     import uvicorn
 
+    from fleetserve.server.drain import DrainingServer
+
     torch.set_num_threads(max(1, torch.get_num_threads()))
     console = Console(stderr=True)
+    log_file, log_file_error = configure_worker_logging(cfg)
     files = resolve_model(cfg.model, revision=cfg.revision,
                           hf_token=cfg.hf_token.get_secret_value() if cfg.hf_token else None, progress=True)
     state = new_state(cfg, files)
-    server: uvicorn.Server | None = None
+    state.log_file = None if log_file_error else log_file
+    state.log_file_error = log_file_error
+    server: DrainingServer | None = None
     exit_code = 0
 
     def fail() -> None:
@@ -100,8 +142,11 @@ def run_server(cfg: ServeConfig) -> None:
             server.should_exit = True
 
     app = create_app(state, on_load_failure=fail)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=30))
+    # log_config=None: uvicorn's own loggers propagate to ours (JSON, redaction, the log file);
+    # access_log=False: RequestContextMiddleware writes the access log (with request ids).
+    server = DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=2),
+                            state, cfg.drain_timeout_s)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     base = f"http://{host}:{cfg.port}"
     console.print(f"[bold green]fleetserve[/] serving [bold]{state.served_model_name}[/] at [link]{base}/v1[/]"

@@ -2,7 +2,9 @@
 
 Stop strings are matched on text here (the engine only knows token ids); when one matches, the
 engine stream is closed, which aborts the request and frees its blocks at once. While streaming,
-the last few characters are held back in case they are the start of a stop string.
+the last few characters are held back in case they are the start of a stop string; the tokens (and
+their logprobs) behind held-back text travel with the delta that finally carries it, so every delta's
+logprobs cover exactly its `token_ids`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from fleetserve.engine.types import FinishReason, GenerationRequest, SamplingParams
+from fleetserve.engine.types import FinishReason, GenerationRequest, SamplingParams, TokenLogprob
 from fleetserve.tokenizer import Tokenizer
 
 
@@ -20,6 +22,8 @@ class TextDelta:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "error" on the last delta
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first delta, when asked for
 
 
 @dataclass
@@ -28,6 +32,8 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def _finish_name(reason: FinishReason | None) -> str | None:
@@ -67,9 +73,23 @@ async def _text_deltas(events, tokenizer: Tokenizer, prompt_ids: list[int],
     text = ""  # all text decoded so far
     sent = 0  # characters of `text` already emitted
     pending_ids: list[int] = []
+    pending_lps: list[TokenLogprob] | None = None
+    prompt_lps: list[TokenLogprob | None] | None = None  # until the first delta goes out
+
+    def delta(text_: str, finish: str | None = None, error: str | None = None) -> TextDelta:
+        nonlocal prompt_lps
+        d = TextDelta(text_, pending_ids, finish, error, pending_lps, prompt_lps)
+        prompt_lps = None
+        return d
+
     try:
         async for ev in events:
             pending_ids.extend(ev.token_ids)
+            if ev.logprobs is not None:
+                pending_lps = pending_lps if pending_lps is not None else []
+                pending_lps.extend(ev.logprobs)
+            if ev.prompt_logprobs is not None:
+                prompt_lps = ev.prompt_logprobs
             new_from = len(text)
             text += detok.push(ev.token_ids)
             finish = _finish_name(ev.finish_reason)
@@ -78,15 +98,15 @@ async def _text_deltas(events, tokenizer: Tokenizer, prompt_ids: list[int],
             if stops:
                 at = matcher.find(text, new_from)
                 if at != -1:
-                    yield TextDelta(text[sent:at], pending_ids, "stop")
+                    yield delta(text[sent:at], "stop")
                     return
             if finish is not None:
-                yield TextDelta(text[sent:], pending_ids, finish, ev.error)
+                yield delta(text[sent:], finish, ev.error)
                 return
             safe = len(text) - matcher.hold if stops else len(text)
             if safe > sent:
-                yield TextDelta(text[sent:safe], pending_ids)
-                sent, pending_ids = safe, []
+                yield delta(text[sent:safe])
+                sent, pending_ids, pending_lps = safe, [], None
     finally:
         await events.aclose()
 
@@ -96,6 +116,11 @@ async def collect_text(deltas: AsyncIterator[TextDelta]) -> ChoiceResult:
     async for d in deltas:
         out.text += d.text
         out.token_ids += d.token_ids
+        if d.logprobs is not None:
+            out.logprobs = out.logprobs if out.logprobs is not None else []
+            out.logprobs.extend(d.logprobs)
+        if d.prompt_logprobs is not None:
+            out.prompt_logprobs = d.prompt_logprobs
         if d.finish_reason:
             out.finish_reason, out.error = d.finish_reason, d.error
     return out

@@ -9,6 +9,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fleetserve.server.structured import ResponseFormat
+from fleetserve.server.tools import AssistantToolCall, ToolChoice, ToolDef
+
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_TOP_LOGPROBS = 20  # chat top_logprobs
+MAX_COMPLETION_LOGPROBS = 5  # legacy completions logprobs
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -19,19 +26,10 @@ class StreamOptions(BaseModel):
 
 
 # OpenAI (and vLLM-extension) request fields this worker cannot honour yet, each with the value that means
-# "off" (None always does). Any other value is a 400 naming the field: a client asking for logprobs, penalties,
+# "off" (None always does). Any other value is a 400 naming the field: a client asking for
 # JSON mode or tools must not silently get a plain answer. Remove a field from here when it is implemented.
 UNSUPPORTED_FIELDS: dict[str, Any] = {
-    "logprobs": False,
-    "top_logprobs": 0,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "repetition_penalty": 1,
-    "logit_bias": {},
-    "response_format": {"type": "text"},
-    "tools": [],
     "functions": [],
-    "echo": False,
     "guided_json": None,
     "guided_regex": None,
     "guided_choice": None,
@@ -67,6 +65,30 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None  # JSON mode / JSON schema, by constrained decoding
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)  # vLLM/SGLang extension; 1 = off
+    # token id (as a string, as OpenAI sends it) -> bias added to its logit; ids are checked against the
+    # vocabulary by the route. Values are typed Any so that every error names `logit_bias` itself.
+    logit_bias: dict[str, Any] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries are allowed, got {len(v)}")
+        for key, bias in v.items():
+            if not key.strip().isdigit():
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise ValueError(f"the bias for token {key} must be a number from -100 to 100, got {bias!r}")
+        return v
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(k): float(b) for k, b in (self.logit_bias or {}).items()}
 
     @field_validator("stop")
     @classmethod
@@ -111,6 +133,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # assistant: calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
 
     def text(self) -> str:
         if self.content is None:
@@ -123,6 +147,15 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # > 0 needs logprobs true (route checks)
+
+    def logprobs_k(self) -> int | None:
+        """Top-k for the sampled tokens' logprobs (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -130,8 +163,13 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False  # only false for now (see UNSUPPORTED_FIELDS)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo (scores the prompt, generates nothing)
+    echo: bool = False  # the prompt is prepended to each choice's text (and its tokens to logprobs)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     suffix: str | None = None
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

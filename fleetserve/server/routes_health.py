@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
@@ -14,6 +15,8 @@ router = APIRouter(tags=["health"])
 
 
 def _engine_status(state: WorkerState) -> str:
+    if state.draining:
+        return EngineState.DRAINING.value
     if state.load_error:
         return EngineState.FAILED.value
     if state.engine is None:
@@ -27,7 +30,7 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz")
-async def readyz(state: WorkerState = Depends(get_state)):
+async def readyz(state: Annotated[WorkerState, Depends(get_state)]):
     status = _engine_status(state)
     if status == EngineState.READY.value:
         return {"status": "ready"}
@@ -38,7 +41,7 @@ async def readyz(state: WorkerState = Depends(get_state)):
 
 
 @router.get("/health")
-async def health(state: WorkerState = Depends(get_state)) -> dict:
+async def health(state: Annotated[WorkerState, Depends(get_state)]) -> dict:
     status = _engine_status(state)
     cfg = state.config
     engine = state.engine
@@ -54,5 +57,9 @@ async def health(state: WorkerState = Depends(get_state)) -> dict:
         "timestamp": time.time(),
         "hathora_region": cfg.hathora_region,
         "hathora_process_id": cfg.hathora_process_id,
+        "draining": state.draining,
+        "requests_in_flight": state.in_flight,
+        "log_file": str(state.log_file) if state.log_file else None,
+        "log_file_error": state.log_file_error,
         **({"error": state.load_error} if state.load_error else {}),
     }
