@@ -39,9 +39,12 @@ class Platform:
         self.home = home
         self.base_url = base_url
         self.api_keys = [k.encode() for k in api_keys or []]
-        self.store = Store(home / "fleetserve.db", SecretBox(home / "secret.key"))
-        self.provider = LocalProvider(home)
-        self.gateway = Gateway(holdable=self._holdable, on_demand=self._on_demand)
+        secrets = SecretBox(home / "secret.key")
+        self.store = Store(home / "fleetserve.db", secrets)
+        # Replicas accept only the gateway (and whoever holds this key): they never see users' keys.
+        internal_key = secrets.internal_key(home / "internal.key")
+        self.provider = LocalProvider(home, internal_key=internal_key)
+        self.gateway = Gateway(internal_key=internal_key, holdable=self._holdable, on_demand=self._on_demand)
         self.reconciler = Reconciler(self.store, self.provider, on_change=self.gateway.update,
                                      interval_s=reconcile_interval_s)
         self.metrics = MetricsCollector(metrics_interval_s)

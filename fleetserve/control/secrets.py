@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from cryptography.fernet import Fernet
@@ -16,6 +17,14 @@ class SecretBox:
             with os.fdopen(fd, "wb") as f:
                 f.write(Fernet.generate_key())
         self._fernet = Fernet(key_file.read_bytes().strip())
+
+    def internal_key(self, path: Path) -> str:
+        """The platform's key for gateway -> replica calls, stored sealed (0600) so restarts keep it."""
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.seal("fsi-" + secrets.token_urlsafe(32)))
+        return self.open(path.read_bytes())
 
     def seal(self, value: str) -> bytes:
         return self._fernet.encrypt(value.encode())

@@ -1,0 +1,132 @@
+"""The control API's contract (validation, conflicts, secrets, patch, delete) and the gateway's routing
+policy, in-process. Deployments here have min 0 replicas, so no worker process starts."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from fleetserve.control.platform import Platform, create_platform_app
+from fleetserve.gateway.router import ReplicaSet
+
+TOKEN = "hf_" + "s3cr3t" * 6
+
+
+@pytest.fixture
+async def api(tmp_path):
+    p = Platform(tmp_path / "home", "http://127.0.0.1:1", default_deployment=False, reconcile_interval_s=0.05)
+    app = create_platform_app(p)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            yield c, p
+
+
+def spec(**kw):
+    return {"name": "alpha", "model": "default", "replicas": {"min": 0, "max": 1}, **kw}
+
+
+async def test_create_get_list_and_secret_never_returned(api):
+    c, p = api
+    r = await c.post("/api/v1/deployments", json=spec(hf_token=TOKEN))
+    assert r.status_code == 201
+    d = r.json()
+    assert d["name"] == "alpha" and d["endpoint"] == "http://127.0.0.1:1/v1"
+    assert d["spec"]["hf_token_set"] is True and "hf_token" not in d["spec"]
+    assert {"status", "message", "ready_replicas", "replicas", "created_at", "updated_at"} <= set(d)
+    for path in ("/api/v1/deployments", "/api/v1/deployments/alpha", "/api/v1/deployments/alpha/events"):
+        assert TOKEN not in (await c.get(path)).text
+    assert TOKEN.encode() not in (p.home / "fleetserve.db").read_bytes()
+    assert p.store.get("alpha").spec.hf_token.get_secret_value() == TOKEN  # kept, encrypted, for the replicas
+    assert [x["name"] for x in (await c.get("/api/v1/deployments")).json()] == ["alpha"]
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"name": "Bad_Name"}, "name"),
+    ({"name": "-x"}, "name"),
+    ({"name": "a" * 64}, "name"),
+    ({"name": "ok", "replicas": {"min": 3, "max": 2}}, "replicas"),
+    ({"name": "ok", "precision": "int3"}, "precision"),
+    ({"name": "ok", "backend": "sglang"}, "backend"),  # not available yet: rejected, not ignored
+    ({"name": "ok", "provider": "hathora"}, "provider"),
+    ({"name": "ok", "tp_size": 2}, "tp_size"),
+    ({"name": "ok", "engine_args": {"max_batch_tokens": -1}}, "engine_args"),
+    ({"name": "ok", "engine_args": {"foo": 1}}, "engine_args"),
+    ({"name": "ok", "autoscale": {"target_concurrency": 0}}, "autoscale"),
+])
+async def test_invalid_specs_are_422_naming_the_field(api, body, field):
+    c, _ = api
+    r = await c.post("/api/v1/deployments", json=body)
+    assert r.status_code == 422, r.text
+    assert field in [str(x) for x in r.json()["detail"][0]["loc"]]
+
+
+async def test_duplicate_is_409_and_unknown_is_404(api):
+    c, _ = api
+    assert (await c.post("/api/v1/deployments", json=spec())).status_code == 201
+    assert (await c.post("/api/v1/deployments", json=spec())).status_code == 409
+    for method, path in (("GET", "/api/v1/deployments/nope"), ("DELETE", "/api/v1/deployments/nope"),
+                         ("GET", "/api/v1/deployments/nope/logs"), ("GET", "/api/v1/deployments/nope/metrics"),
+                         ("PATCH", "/api/v1/deployments/nope")):
+        r = await c.request(method, path, json={} if method == "PATCH" else None)
+        assert r.status_code == 404, (method, path)
+
+
+async def test_min_zero_deployment_is_scaled_to_zero_then_patch_and_delete(api):
+    c, p = api
+    await c.post("/api/v1/deployments", json=spec())
+    deadline = time.time() + 5
+    while (await c.get("/api/v1/deployments/alpha")).json()["status"] != "scaled_to_zero":
+        assert time.time() < deadline
+        await p.reconciler.reconcile_all()
+    r = await c.patch("/api/v1/deployments/alpha", json={"replicas": {"max": 3}, "autoscale": {"window_s": 10}})
+    assert r.status_code == 200 and r.json()["spec"]["replicas"] == {"min": 0, "max": 3}
+    assert r.json()["spec"]["autoscale"]["window_s"] == 10
+    bad = await c.patch("/api/v1/deployments/alpha", json={"replicas": {"min": 5}})
+    assert bad.status_code == 422
+    assert (await c.patch("/api/v1/deployments/alpha", json={"image": "x"})).status_code == 422
+    reasons = [e["reason"] for e in (await c.get("/api/v1/deployments/alpha/events")).json()["events"]]
+    assert reasons[0] == "Created" and "Updated" in reasons
+    assert (await c.delete("/api/v1/deployments/alpha")).status_code == 202
+    deadline = time.time() + 5
+    while (await c.get("/api/v1/deployments/alpha")).status_code != 404:
+        assert time.time() < deadline
+        await p.reconciler.reconcile_all()
+
+
+async def test_gateway_answers_openai_errors_for_unknown_models_and_bad_json(api):
+    c, _ = api
+    r = await c.post("/v1/chat/completions", json={"model": "ghost", "messages": []})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = await c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert (await c.get("/v1/models")).json()["data"] == []
+
+
+async def test_admin_key_required_everywhere_but_health(tmp_path):
+    p = Platform(tmp_path / "home", "http://x", api_keys=["adm1n-key"], default_deployment=False)
+    app = create_platform_app(p)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            assert (await c.get("/healthz")).status_code == 200
+            assert (await c.get("/api/v1/deployments")).status_code == 401
+            r = await c.post("/v1/chat/completions", json={})
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+            ok = await c.get("/api/v1/deployments", headers={"Authorization": "Bearer adm1n-key"})
+            assert ok.status_code == 200
+            assert (await c.get("/api/v1/deployments", headers={"Authorization": "Bearer wrong"})).status_code == 401
+
+
+def test_routing_prefers_affinity_until_load_is_unbalanced():
+    rs = ReplicaSet(urls=["http://a", "http://b", "http://c"])
+    key = "system prompt shared by a conversation"
+    first = rs.pick(key, set())
+    assert all(rs.pick(key, set()) == first for _ in range(5))  # same prefix, same replica
+    spread = {rs.pick(f"prompt {i}", set()) for i in range(40)}
+    assert spread == set(rs.urls)  # different prefixes spread over every replica
+    rs.in_flight = {first: 5}
+    assert rs.pick(key, set()) != first  # too busy: least outstanding wins
+    assert rs.pick(None, {"http://a", "http://b"}) == "http://c"
+    rs.ejected_until = {"http://a": time.monotonic() + 60}
+    assert "http://a" not in {rs.pick(f"p{i}", set()) for i in range(30)}
