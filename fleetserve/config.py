@@ -84,6 +84,9 @@ ALLOWED = {
     "cors_origins": "origins like https://app.example.com or http://localhost:3000 (scheme://host[:port], "
                     "no path), or * for any origin (a list, or one comma-separated string)",
     "max_body_bytes": "a positive integer (bytes)",
+    "max_batch_size": "a positive integer (prompts per /generate or /loglikelihood request)",
+    "max_new_tokens": "a positive integer (largest max_tokens of /generate)",
+    "max_request_tokens": "a positive integer (prompt + new tokens summed over one batch request)",
     "metrics_auth": "true or false",
     "log_file": "a file path (its directory is created if missing)",
     "drain_timeout_s": "a number of seconds >= 0",
@@ -128,6 +131,9 @@ class ServeConfig(BaseModel):
     api_keys: list[SecretStr] = Field(default_factory=list)  # empty: no route requires a key
     cors_origins: list[str] = Field(default_factory=list)  # empty: no cross-origin browser access
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
+    max_batch_size: int = Field(64, ge=1)  # seed 004's caps for the batch API
+    max_new_tokens: int = Field(1024, ge=1)
+    max_request_tokens: int = Field(131072, ge=1)
     metrics_auth: bool = False  # True: /metrics requires a key too (when keys are configured)
     log_file: Path | None = None  # None: $FLEETSERVE_HOME/logs/worker-<port>.log
     drain_timeout_s: float = Field(30.0, ge=0)

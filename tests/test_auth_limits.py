@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from fleetserve.cli import app as cli_app
 from fleetserve.config import DEFAULT_MAX_BODY_BYTES, ConfigError, ServeConfig, config_as_dict, load_serve_config
-from tests.worker_apps import STORY, client, file_logging, make_app
+from tests.worker_apps import STORY, client, file_logging, make_app, value
 
 KEY = "fs-key-Zq8wP1c7TtY3"
 KEY2 = "fs-key-second-9x8y7z"
@@ -172,6 +172,9 @@ async def test_oversized_body_by_content_length_is_413(default_engine, tokenizer
         assert len(ok) == 1024
         r = await c.post("/v1/completions", content=ok, headers={"Content-Type": "application/json"})
         assert r.status_code == 200, r.text
+        metrics = (await c.get("/metrics")).text
+    assert value(metrics, "fleetserve_requests_total", route="/v1/completions", status="413") == 1
+    assert value(metrics, "fleetserve_requests_total", route="/metrics", status="413") == 1
 
 
 async def test_oversized_chunked_body_is_413_without_reading_it_all(default_engine, tokenizer):

@@ -31,6 +31,15 @@ class Level:
             parts.append(f"{self.request_rate:g} req/s")
         return ", ".join(parts) or "all at once"
 
+    def short(self) -> str:
+        """``c=4``, ``r=2``, ``c=4 r=2`` or ``all`` (for narrow table columns)."""
+        parts = []
+        if self.concurrency is not None:
+            parts.append(f"c={self.concurrency}")
+        if math.isfinite(self.request_rate):
+            parts.append(f"r={self.request_rate:g}")
+        return " ".join(parts) or "all"
+
     def as_dict(self) -> dict:
         return {"concurrency": self.concurrency,
                 "request_rate": self.request_rate if math.isfinite(self.request_rate) else "inf"}

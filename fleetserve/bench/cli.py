@@ -178,6 +178,11 @@ def bench(
         if key:
             register_secret(key)
     try:
+        if plot is not None:  # fail before a long run, not after it
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise ValueError("--plot needs matplotlib: pip install 'fleetserve[bench]'") from None
         if endpoint not in ENDPOINTS:
             raise ValueError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
         if dataset not in DATASETS:

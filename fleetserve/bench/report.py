@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -34,12 +35,21 @@ _THROUGHPUT_ROWS = (
 )
 
 
-def _fmt(value: Any, spec: str = "{:.2f}") -> str:
+def _fmt(value: Any, spec: str = "{:.1f}") -> str:
     if value is None:
         return "-"
     if isinstance(value, float) and "d" in spec:
         return f"{value:.0f}"
     return spec.format(value)
+
+
+def _ms(value: float | None) -> str:
+    """Latencies: one decimal, none from 10 s up (keeps columns narrow)."""
+    return _fmt(value, "{:.0f}" if value is not None and value >= 10_000 else "{:.1f}")
+
+
+def _table(title: str, **kw) -> Table:
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, **kw)
 
 
 def _errors(summary: dict[str, Any]) -> str:
@@ -53,7 +63,7 @@ def _level_title(result: BenchResult, lr: LevelResult) -> str:
 
 def _single_tables(result: BenchResult, lr: LevelResult) -> list[Table]:
     s = lr.summaries["A"]
-    t = Table(title=_level_title(result, lr), title_justify="left")
+    t = _table(_level_title(result, lr), min_width=60)
     t.add_column("Metric")
     t.add_column("Value", justify="right")
     for key, name, spec in _THROUGHPUT_ROWS:
@@ -62,21 +72,22 @@ def _single_tables(result: BenchResult, lr: LevelResult) -> list[Table]:
         t.add_row(name, _fmt(s.get(key), spec))
     if s["failed"]:
         t.add_row("Errors", _errors(s))
-    lat = Table(title="Latency (ms)", title_justify="left")
+    lat = _table("Latency (ms)")
     lat.add_column("Metric")
     for k in ("count", *STAT_KEYS):
         lat.add_column(k, justify="right")
     for d in DISTRIBUTIONS:
         dist = s[d]
-        lat.add_row(_DIST_NAMES[d], str(dist["count"]), *(_fmt(dist[k]) for k in STAT_KEYS))
+        lat.add_row(_DIST_NAMES[d], str(dist["count"]), *(_ms(dist[k]) for k in STAT_KEYS))
     return [t, lat]
 
 
 def _compare_table(result: BenchResult, lr: LevelResult) -> Table:
     a, b = lr.summaries["A"], lr.summaries["B"]
     ta, tb = result.targets[0], result.targets[1]
-    t = Table(title=f"fleetserve bench A/B: {lr.level.label()}", title_justify="left",
-              caption=f"A = {ta['url']} ({ta['model']})   B = {tb['url']} ({tb['model']})", caption_justify="left")
+    legend = [f"A = {ta['url']} ({ta['model']})", f"B = {tb['url']} ({tb['model']})"]
+    t = _table(f"fleetserve bench A/B: {lr.level.label()}", caption="\n".join(legend), caption_justify="left",
+               min_width=max(52, *(len(line) for line in legend)))
     t.add_column("Metric")
     t.add_column("A", justify="right")
     t.add_column("B", justify="right")
@@ -90,30 +101,31 @@ def _compare_table(result: BenchResult, lr: LevelResult) -> Table:
         t.add_row("Errors", _errors(a), _errors(b), "")
     for d in DISTRIBUTIONS:
         for k in STAT_KEYS:
-            t.add_row(f"{_DIST_NAMES[d]} {k} (ms)", _fmt(a[d][k]), _fmt(b[d][k]), _fmt(ratio.get(f"{d}.{k}"), "{:.3f}"))
+            t.add_row(f"{_DIST_NAMES[d]} {k} (ms)", _ms(a[d][k]), _ms(b[d][k]), _fmt(ratio.get(f"{d}.{k}"), "{:.3f}"))
     return t
 
 
-def _sweep_table(result: BenchResult) -> Table:
+def _sweep_tables(result: BenchResult) -> list[Table]:
+    """One row per level: a throughput table and a latency table."""
     where = "offline engine" if result.mode == "offline" else result.targets[0]["url"]
-    t = Table(title=f"fleetserve bench sweep ({where}); latencies in ms", title_justify="left")
-    cols = ["Level", "OK", "Failed", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
-            "ITL p50", "ITL p99", "E2E p50", "E2E p99"]
     with_slo = result.config.slo is not None
-    if with_slo:
-        cols.append("goodput")
-    for c in cols:
+    t = _table(f"fleetserve bench sweep ({where})")
+    for c in ("Level", "OK", "Failed", "req/s", "in tok/s", "out tok/s", *(("goodput",) if with_slo else ())):
         t.add_column(c, justify="left" if c == "Level" else "right")
+    lat = _table("Latency per level (ms)")
+    lat.add_column("Level")
+    for d in DISTRIBUTIONS:
+        for k in ("p50", "p99"):
+            lat.add_column(f"{_DIST_NAMES[d]} {k}", justify="right")
     for lr in result.levels:
         s = lr.summaries["A"]
-        row = [lr.level.label(), str(s["completed"]), str(s["failed"]), _fmt(s["request_throughput"], "{:.3f}"),
-               _fmt(s["output_throughput"], "{:.1f}")]
-        for d in DISTRIBUTIONS:
-            row += [_fmt(s[d]["median"]), _fmt(s[d]["p99"])]
+        row = [lr.level.short(), str(s["completed"]), str(s["failed"]), _fmt(s["request_throughput"], "{:.3f}"),
+               _fmt(s["input_throughput"]), _fmt(s["output_throughput"])]
         if with_slo:
             row.append(_fmt(s["goodput"], "{:.3f}"))
         t.add_row(*row)
-    return t
+        lat.add_row(lr.level.short(), *(_ms(s[d][k]) for d in DISTRIBUTIONS for k in ("median", "p99")))
+    return [t, lat]
 
 
 def tables(result: BenchResult) -> list[Table]:
@@ -122,7 +134,7 @@ def tables(result: BenchResult) -> list[Table]:
         return [_compare_table(result, lr) for lr in result.levels]
     if len(result.levels) == 1:
         return _single_tables(result, result.levels[0])
-    return [_sweep_table(result)]
+    return _sweep_tables(result)
 
 
 def print_report(result: BenchResult, console: Console | None = None) -> None:
@@ -266,6 +278,9 @@ def write_plots(result: BenchResult, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for name, lr, _ep, run in _series(result):
         xs, ys = output_timeline(run.records, lr.t0)
+        # A/B: bins where this endpoint was not under load (the other one's rounds) are gaps, not zeros
+        blocks = [(b0 - lr.t0, b1 - lr.t0) for b0, b1 in run.blocks]
+        ys = [y if any(x < b1 and x + 1.0 > b0 for b0, b1 in blocks) else math.nan for x, y in zip(xs, ys)]
         if xs:
             ax.step(xs, ys, where="post", label=name)
     ax.set_title("Output tokens/s over time (1 s bins)")

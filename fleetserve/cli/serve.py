@@ -97,6 +97,14 @@ def serve(
     max_body_bytes: Annotated[int | None, typer.Option(
         help="Largest request body accepted, in bytes; larger ones get HTTP 413 (checked from Content-Length "
         "and while reading chunked bodies). \\[default: 4194304 (4 MiB)]", rich_help_panel=_SERVER)] = None,
+    max_batch_size: Annotated[int | None, typer.Option(
+        help="Most prompts in one /generate or /loglikelihood request. \\[default: 64]",
+        rich_help_panel=_SERVER)] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        help="Largest max_tokens a /generate request may ask for. \\[default: 1024]", rich_help_panel=_SERVER)] = None,
+    max_request_tokens: Annotated[int | None, typer.Option(
+        help="Prompt + new tokens summed over one batch request. \\[default: 131072]",
+        rich_help_panel=_SERVER)] = None,
     drain_timeout: Annotated[float | None, typer.Option(
         "--drain-timeout", help="On SIGTERM/SIGINT, seconds to let requests in flight finish before exiting. "
         "\\[default: 30]", rich_help_panel=_SERVER)] = None,
@@ -136,7 +144,8 @@ def serve(
         "kv_cache_tokens": kv_cache_tokens, "block_size": block_size, "max_queue_len": max_queue_len,
         "host": host, "port": port, "log_level": log_level, "max_body_bytes": max_body_bytes,
         "drain_timeout_s": drain_timeout, "api_keys": api_key or None, "cors_origins": cors_origin or None,
-        "metrics_auth": metrics_auth, "log_file": log_file,
+        "metrics_auth": metrics_auth, "log_file": log_file, "max_batch_size": max_batch_size,
+        "max_new_tokens": max_new_tokens, "max_request_tokens": max_request_tokens,
     }
     cli = {k: v for k, v in cli.items() if v is not None}
     out, err = Console(), Console(stderr=True)

@@ -123,10 +123,9 @@ async def logs(name: str, tail: Annotated[int, Query(ge=1, le=10000)] = 100, rep
     reps = [r for r in p.store.replicas(name) if replica is None or r.id == replica]
     if replica is not None and not reps:
         raise HTTPException(404, f"deployment '{name}' has no replica '{replica}'")
-    paths = {r.id: Path(r.log_path) for r in reps if r.log_path}
     if not follow:
-        return {"lines": [{"replica": rid, "line": line} for rid, path in paths.items()
-                          for line in tail_lines(path, tail)]}
+        return {"lines": [{"replica": r.id, "line": line} for r in reps for line in await p.provider.logs(r, tail)]}
+    paths = {r.id: path for r in reps if (path := p.provider.log_file(r)) is not None}
     return StreamingResponse(_follow(paths, tail), media_type="text/plain")
 
 

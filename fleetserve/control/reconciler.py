@@ -71,13 +71,13 @@ class Reconciler:
         if stop_replicas:
             rows = [r for d in self.store.list() for r in self.store.replicas(d.name)]
             for r in rows:
-                self.provider.terminate(r)
+                await self.provider.stop(r)
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
-            while any(self.provider.is_alive(r) for r in rows) and time.monotonic() < deadline:
+            while time.monotonic() < deadline and any([(await self.provider.observe(r)).alive for r in rows]):
                 await asyncio.sleep(0.1)
             for r in rows:
-                self.provider.kill(r)
-                self.provider.reap(r)
+                await self.provider.stop(r, force=True)
+                await self.provider.release(r)
                 r.status = "stopped"
                 self.store.put_replica(r)
         await self._client.aclose()
@@ -106,17 +106,17 @@ class Reconciler:
         # scale up / replace: one start per pass, respecting backoff after failures
         if len(current) < want and now >= h.retry_at:
             rid = f"{d.name}-{uuid.uuid4().hex[:6]}"
-            r = self.provider.start(d.spec, rid, d.generation)
+            r = await self.provider.start(d.spec, rid, d.generation)
             self.store.put_replica(r)
             self.store.event(d.name, "ReplicaStarting", f"starting replica {rid} on port {r.port} "
                                                         f"({len(current) + 1}/{want})")
         # rolling update: retire an old replica once a new one is ready to take its place
         elif outdated and (ready_current or want == 0):
-            self._drain(d, h, outdated[0], "replaced by the updated spec")
+            await self._drain(d, h, outdated[0], "replaced by the updated spec")
         # scale down: retire the newest surplus replica (starting ones first)
         elif len(current) > want:
             victim = sorted(current, key=lambda r: (r.status == "ready", r.started_at or 0))[0]
-            self._drain(d, h, victim, f"scaling down to {want}")
+            await self._drain(d, h, victim, f"scaling down to {want}")
         self._set_status(d, h, want)
         self._publish(d.name)
 
@@ -124,20 +124,20 @@ class Reconciler:
         for r in replicas:
             if r.status == "draining" and r.id not in h.draining:  # drain begun by an earlier control plane
                 h.draining[r.id] = now + DRAIN_TIMEOUT_S
-                self.provider.terminate(r)
+                await self.provider.stop(r)
             if r.id in h.draining:
-                if not self.provider.is_alive(r) or now > h.draining[r.id]:
-                    self.provider.kill(r)
-                    self.provider.reap(r)
+                if not (await self.provider.observe(r)).alive or now > h.draining[r.id]:
+                    await self.provider.stop(r, force=True)
+                    await self.provider.release(r)
                     self.store.delete_replica(r.id)
                     h.draining.pop(r.id)
                     self.store.event(d.name, "ReplicaStopped", f"replica {r.id} stopped")
                 continue
-            if not self.provider.is_alive(r):
-                code = self.provider.exit_code(r)
-                reason = self.provider.failure_reason(r)
+            live = await self.provider.observe(r)
+            if not live.alive:
+                code, reason = live.exit_code, live.reason
                 was = r.status
-                self.provider.reap(r)
+                await self.provider.release(r)
                 self.store.delete_replica(r.id)
                 if was == "starting":
                     self._failed_start(d, h, r, reason)
@@ -152,8 +152,8 @@ class Reconciler:
                     h.failures, h.last_failure = 0, ""
                     self.store.event(d.name, "ReplicaReady", f"replica {r.id} is ready at {r.url}")
                 elif now - (r.started_at or now) > START_TIMEOUT_S:
-                    self.provider.kill(r)
-                    self.provider.reap(r)
+                    await self.provider.stop(r, force=True)
+                    await self.provider.release(r)
                     self.store.delete_replica(r.id)
                     self._failed_start(d, h, r, f"not ready after {START_TIMEOUT_S:.0f}s")
             elif r.status == "ready" and not await self.provider.ready(r, self._client):
@@ -168,18 +168,18 @@ class Reconciler:
         self.store.event(d.name, "ReplicaFailed",
                          f"replica {r.id} failed to start ({h.failures} in a row): {reason}; retrying in {delay:.0f}s")
 
-    def _drain(self, d: DeploymentRow, h: Health, r: ReplicaRow, why: str) -> None:
+    async def _drain(self, d: DeploymentRow, h: Health, r: ReplicaRow, why: str) -> None:
         r.status = "draining"
         self.store.put_replica(r)
         h.draining[r.id] = time.time() + DRAIN_TIMEOUT_S
         self._publish(d.name)  # out of routing first, then drain: no new request reaches it
-        self.provider.terminate(r)
+        await self.provider.stop(r)
         self.store.event(d.name, "ReplicaDraining", f"draining replica {r.id}: {why}")
 
     async def _delete(self, d: DeploymentRow, h: Health, replicas: list[ReplicaRow]) -> None:
         for r in replicas:
             if r.id not in h.draining:
-                self._drain(d, h, r, "deployment deleted")
+                await self._drain(d, h, r, "deployment deleted")
         if not replicas:
             self.store.remove(d.name)
             self.health.pop(d.name, None)

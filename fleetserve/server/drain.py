@@ -44,11 +44,12 @@ async def drain(state: WorkerState, timeout_s: float) -> bool:
     state.draining = True
     start = time.monotonic()
     busy = outstanding(state)
-    log.info("draining: %d request(s) outstanding; waiting up to %gs for them to finish", busy, timeout_s)
+    log.info("draining: %d HTTP request(s) in flight, %d engine sequence(s) running or waiting; waiting up to "
+             "%gs for them to finish", state.in_flight, busy - state.in_flight, timeout_s)
     while busy:
         if time.monotonic() - start >= timeout_s:
-            log.warning("drain timeout (%gs) reached with %d request(s) outstanding; cancelling them",
-                        timeout_s, busy)
+            log.warning("drain timeout (%gs) reached with %d HTTP request(s) still in flight; cancelling them",
+                        timeout_s, state.in_flight)
             tasks = [t for t in state.request_tasks if not t.done()]
             for task in tasks:
                 task.cancel()

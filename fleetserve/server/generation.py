@@ -9,8 +9,8 @@ logprobs cover exactly its `token_ids`.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from fleetserve.engine.types import FinishReason, GenerationRequest, SamplingParams, TokenLogprob
 from fleetserve.tokenizer import Tokenizer

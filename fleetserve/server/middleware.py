@@ -14,6 +14,7 @@ import time
 import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleetserve.logs import request_id_var
@@ -36,11 +37,27 @@ def new_request_id() -> str:
 
 
 def _route_label(scope: Scope) -> str:
+    """The route template (bounded label values); found by matching when routing never ran (413, CORS)."""
     route = scope.get("route")
+    if route is None:
+        router = getattr(scope.get("app"), "router", None)
+        for candidate in _leaf_routes(getattr(router, "routes", ())):
+            match, _ = candidate.matches(scope)
+            if match != Match.NONE:
+                route = candidate
+                break
     path = getattr(route, "path", None)
-    if path:
-        return path
-    return "preflight" if scope.get("method") == "OPTIONS" else "unmatched"
+    return path or "unmatched"
+
+
+def _leaf_routes(routes):
+    """Routes, with FastAPI's included-router wrappers opened (our routers are included without a prefix)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _leaf_routes(inner.routes)
+        elif hasattr(route, "matches") and getattr(route, "path", None):
+            yield route
 
 
 class RequestContextMiddleware:

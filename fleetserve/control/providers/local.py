@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from fleetserve.control.providers.base import Liveness
 from fleetserve.control.spec import DeploymentSpec
 from fleetserve.control.store import ReplicaRow
 
@@ -60,7 +61,7 @@ class LocalProvider:
             argv += [f"--{key.replace('_', '-')}", str(value)]
         return argv
 
-    def start(self, spec: DeploymentSpec, replica_id: str, generation: int) -> ReplicaRow:
+    async def start(self, spec: DeploymentSpec, replica_id: str, generation: int) -> ReplicaRow:
         port = free_port()
         log = self.log_path(spec.name, replica_id)
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +79,23 @@ class LocalProvider:
         self._procs[replica_id] = proc
         return ReplicaRow(replica_id, spec.name, generation, port, proc.pid, f"http://127.0.0.1:{port}",
                           "starting", time.time(), str(log))
+
+    async def observe(self, r: ReplicaRow) -> Liveness:
+        if self.is_alive(r):
+            return Liveness(True)
+        return Liveness(False, self.exit_code(r), self.failure_reason(r))
+
+    async def stop(self, r: ReplicaRow, force: bool = False) -> None:
+        self._signal(r, signal.SIGKILL if force else signal.SIGTERM)
+
+    async def release(self, r: ReplicaRow) -> None:
+        self.reap(r)
+
+    async def logs(self, r: ReplicaRow, tail: int) -> list[str]:
+        return tail_lines(Path(r.log_path), tail) if r.log_path else []
+
+    def log_file(self, r: ReplicaRow) -> Path | None:
+        return Path(r.log_path) if r.log_path else None
 
     def is_alive(self, r: ReplicaRow) -> bool:
         proc = self._procs.get(r.id)
@@ -103,13 +121,6 @@ class LocalProvider:
         except httpx.HTTPError:
             return False
 
-    def terminate(self, r: ReplicaRow) -> None:
-        """SIGTERM: the worker stops taking requests, drains in-flight ones, exits."""
-        self._signal(r, signal.SIGTERM)
-
-    def kill(self, r: ReplicaRow) -> None:
-        self._signal(r, signal.SIGKILL)
-
     def _signal(self, r: ReplicaRow, sig: int) -> None:
         if not self.is_alive(r):
             return
@@ -134,6 +145,3 @@ class LocalProvider:
             if "error" in low or "failed" in low or "exception" in low:
                 return line.strip()[-400:]
         return lines[-1].strip()[-400:] if lines else "no output"
-
-    def logs(self, r: ReplicaRow, tail: int) -> list[str]:
-        return tail_lines(Path(r.log_path), tail) if r.log_path else []
