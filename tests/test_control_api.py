@@ -3,6 +3,7 @@ policy, in-process. Deployments here have min 0 replicas, so no worker process s
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -130,3 +131,25 @@ def test_routing_prefers_affinity_until_load_is_unbalanced():
     assert rs.pick(None, {"http://a", "http://b"}) == "http://c"
     rs.ejected_until = {"http://a": time.monotonic() + 60}
     assert "http://a" not in {rs.pick(f"p{i}", set()) for i in range(30)}
+
+
+async def test_model_that_fails_to_load_shows_failed_with_reason_and_backs_off(api, tmp_path):
+    """Real replica processes that exit at once: `failed` with the worker's own error, retries spaced out."""
+    c, p = api
+    missing = tmp_path / "no-such-model.gguf"
+    r = await c.post("/api/v1/deployments", json={"name": "broken", "model": str(missing)})
+    assert r.status_code == 201
+    deadline = time.time() + 120
+    while True:
+        d = (await c.get("/api/v1/deployments/broken")).json()
+        if d["status"] == "failed":
+            break
+        assert time.time() < deadline, d
+        await asyncio.sleep(0.5)
+    assert "no-such-model.gguf" in d["message"] and "failed starts" in d["message"]
+    events = (await c.get("/api/v1/deployments/broken/events")).json()["events"]
+    failures = [e for e in events if e["reason"] == "ReplicaFailed"]
+    assert len(failures) >= 3
+    gaps = [b["ts"] - a["ts"] for a, b in zip(failures, failures[1:])]
+    assert gaps[1] >= gaps[0] and gaps[1] >= 3.5  # exponential backoff (2 s, 4 s, ...), no restart storm
+    assert (await c.delete("/api/v1/deployments/broken")).status_code == 202

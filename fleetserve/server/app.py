@@ -27,7 +27,7 @@ from fleetserve.config import ServeConfig, resolve_log_file
 from fleetserve.device import resolve_device, resolve_dtype
 from fleetserve.engine.native.engine import EngineConfig, NativeEngine
 from fleetserve.logs import register_secret, setup_logging
-from fleetserve.models import ModelFiles, resolve_model
+from fleetserve.models import ModelFiles, ModelResolutionError, resolve_model
 from fleetserve.server import routes_batch, routes_health, routes_openai, routes_ops
 from fleetserve.server.auth import INFERENCE_DEPENDENCIES
 from fleetserve.server.errors import install_error_handlers
@@ -127,8 +127,12 @@ def run_server(cfg: ServeConfig) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     console = Console(stderr=True)
     log_file, log_file_error = configure_worker_logging(cfg)
-    files = resolve_model(cfg.model, revision=cfg.revision,
-                          hf_token=cfg.hf_token.get_secret_value() if cfg.hf_token else None, progress=True)
+    try:
+        files = resolve_model(cfg.model, revision=cfg.revision,
+                              hf_token=cfg.hf_token.get_secret_value() if cfg.hf_token else None, progress=True)
+    except ModelResolutionError as exc:  # one clear line (the platform shows it), not a traceback
+        log.error("model could not be loaded: %s", " ".join(str(exc).split()))
+        raise SystemExit(2) from None
     state = new_state(cfg, files)
     state.log_file = None if log_file_error else log_file
     state.log_file_error = log_file_error

@@ -7,6 +7,7 @@ a replica). Secrets travel in the child's environment, never on its command line
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -28,6 +29,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _message(line: str) -> str:
+    """The text of a log line: the `msg` of a JSON line (how workers log off a TTY), else the line."""
+    try:
+        record = json.loads(line)
+        return str(record.get("msg", line)).strip() if isinstance(record, dict) else line.strip()
+    except ValueError:
+        return line.strip()
 
 
 def tail_lines(path: Path, n: int) -> list[str]:
@@ -139,9 +149,9 @@ class LocalProvider:
 
     def failure_reason(self, r: ReplicaRow) -> str:
         """The worker's own last error line, to show in status and events."""
-        lines = tail_lines(Path(r.log_path), 60) if r.log_path else []
+        lines = [_message(line) for line in (tail_lines(Path(r.log_path), 60) if r.log_path else [])]
         for line in reversed(lines):
             low = line.lower()
             if "error" in low or "failed" in low or "exception" in low:
-                return line.strip()[-400:]
-        return lines[-1].strip()[-400:] if lines else "no output"
+                return line[-400:]
+        return lines[-1][-400:] if lines else "no output"
