@@ -75,6 +75,7 @@ ALLOWED = {
     "kv_cache_tokens": "a positive integer (KV pool size in tokens)",
     "block_size": "one of " + ", ".join(map(str, BLOCK_SIZES)),
     "max_queue_len": "a positive integer",
+    "enable_prefix_caching": "true or false",
     "host": "an IP address or host name to bind",
     "port": "an integer from 1 to 65535",
     "log_level": "one of debug, info, warning, error (any case)",
@@ -124,6 +125,7 @@ class ServeConfig(BaseModel):
     kv_cache_tokens: int | None = Field(None, ge=1)  # None: sized automatically
     block_size: int = 16
     max_queue_len: int = Field(256, ge=1)
+    enable_prefix_caching: bool = True  # share KV blocks of common prompt prefixes between requests
     host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -88,6 +88,10 @@ def serve(
         rich_help_panel=_ENGINE)] = None,
     block_size: Annotated[int | None, typer.Option(
         help="Tokens per KV cache block: 8, 16, 32, 64 or 128. \\[default: 16]", rich_help_panel=_ENGINE)] = None,
+    prefix_caching: Annotated[bool | None, typer.Option(
+        "--prefix-caching/--no-prefix-caching", help="Share the KV cache of common prompt prefixes between "
+        "requests (a shared system prompt is computed once). \\[default: on]", rich_help_panel=_ENGINE,
+        show_default=False)] = None,
     max_queue_len: Annotated[int | None, typer.Option(
         help="Waiting requests beyond this get HTTP 429. \\[default: 256]", rich_help_panel=_SERVER)] = None,
     host: Annotated[str | None, typer.Option(
@@ -142,6 +146,7 @@ def serve(
         "precision": precision, "device": device, "max_model_len": max_model_len,
         "max_batch_tokens": max_batch_tokens, "max_running_seqs": max_running_seqs,
         "kv_cache_tokens": kv_cache_tokens, "block_size": block_size, "max_queue_len": max_queue_len,
+        "enable_prefix_caching": prefix_caching,
         "host": host, "port": port, "log_level": log_level, "max_body_bytes": max_body_bytes,
         "drain_timeout_s": drain_timeout, "api_keys": api_key or None, "cors_origins": cors_origin or None,
         "metrics_auth": metrics_auth, "log_file": log_file, "max_batch_size": max_batch_size,

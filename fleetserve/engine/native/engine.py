@@ -137,6 +137,11 @@ class NativeEngine:
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(10)
         self._state = EngineState.STOPPED
+        for rid, (loop, q) in list(self._streams.items()):  # readers left behind get a final event
+            self._streams.pop(rid, None)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(q.put_nowait, GenerationEvent(
+                    rid, [], FinishReason.ABORT, error="the request was aborted by the server (shutting down)"))
 
     def health(self) -> EngineHealth:
         return EngineHealth(self._state, self._message)
@@ -234,7 +239,11 @@ class NativeEngine:
                 if seq is not None:
                     self.scheduler.finish(seq)
                     self._stats.aborts += 1
-                self._streams.pop(item, None)
+                stream = self._streams.pop(item, None)
+                if stream is not None:  # someone may still be reading: end their stream, never leave it hanging
+                    loop, q = stream
+                    loop.call_soon_threadsafe(q.put_nowait, GenerationEvent(
+                        item, [], FinishReason.ABORT, error="the request was aborted by the server (shutting down)"))
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         sp = seq.sampling
