@@ -50,7 +50,9 @@ async def test_create_get_list_and_secret_never_returned(api):
     ({"name": "ok", "replicas": {"min": 3, "max": 2}}, "replicas"),
     ({"name": "ok", "precision": "int3"}, "precision"),
     ({"name": "ok", "backend": "sglang"}, "backend"),  # not available yet: rejected, not ignored
-    ({"name": "ok", "provider": "hathora"}, "provider"),
+    ({"name": "ok", "provider": "nomad"}, "provider"),
+    ({"name": "ok", "provider": "hathora"}, "region"),  # region required there
+    ({"name": "ok", "region": "Seattle"}, "region"),  # local provider: no region
     ({"name": "ok", "tp_size": 2}, "tp_size"),
     ({"name": "ok", "engine_args": {"max_batch_tokens": -1}}, "engine_args"),
     ({"name": "ok", "engine_args": {"foo": 1}}, "engine_args"),

@@ -77,7 +77,8 @@ def bench(
         help="completions (/v1/completions) or chat (/v1/chat/completions).", rich_help_panel=_TARGET)] = "completions",
     tokenizer: Annotated[str, typer.Option(
         help="Model spec whose tokenizer builds prompts and counts tokens when a server sends no usage: "
-        "'default', a local path or a Hub id. Use the served model's.", rich_help_panel=_TARGET)] = "default",
+        "'default', a local path or a Hub id. Use the served model's (--offline uses the model's own).",
+        rich_help_panel=_TARGET)] = "default",
     timeout: Annotated[float, typer.Option(
         help="Seconds one request may take before it counts as failed (timeout).", rich_help_panel=_TARGET)] = 600.0,
     dataset: Annotated[str, typer.Option(

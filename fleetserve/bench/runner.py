@@ -279,9 +279,13 @@ class Runner:
         n = cfg.num_prompts
         total = None if cfg.duration is not None else n * len(labels)
         on_done = progress.task(f"{level.label()}" + (" (A/B)" if len(labels) > 1 else ""), total)
-        if cfg.duration is None:
-            for i in range(n):  # build every prompt before the clock starts
-                requests[i]
+        # Build prompts before the clock starts (building one on the event loop would delay the chunk
+        # timestamps of requests in flight). --duration: as many as the rate implies, at least --num-prompts.
+        prebuild = n
+        if cfg.duration is not None and math.isfinite(level.request_rate):
+            prebuild = max(n, min(100_000, int(level.request_rate * cfg.duration * 1.2) + 8))
+        for i in range(prebuild):
+            requests[i]
         rounds = 1 if len(labels) == 1 else cfg.rounds
         chunks = _chunks(n, rounds) if cfg.duration is None else [None] * rounds
         next_start = 0

@@ -18,7 +18,9 @@ from fleetserve.console import install_console
 from fleetserve.control import api
 from fleetserve.control.autoscaler import Autoscaler
 from fleetserve.control.metrics import MetricsCollector
+from fleetserve.control.providers.hathora import HathoraProvider
 from fleetserve.control.providers.local import LocalProvider
+from fleetserve.control.providers.router import ProviderRouter
 from fleetserve.control.reconciler import Reconciler
 from fleetserve.control.secrets import SecretBox
 from fleetserve.control.spec import DeploymentSpec
@@ -35,7 +37,7 @@ _bearer = HTTPBearer(auto_error=False, description="The platform's admin key (--
 class Platform:
     def __init__(self, home: Path, base_url: str, api_keys: list[str] | None = None,
                  default_deployment: bool = True, reconcile_interval_s: float = 1.0,
-                 metrics_interval_s: float = 2.0):
+                 metrics_interval_s: float = 2.0, providers: dict | None = None):
         self.home = home
         self.base_url = base_url
         self.api_keys = [k.encode() for k in api_keys or []]
@@ -43,7 +45,13 @@ class Platform:
         self.store = Store(home / "fleetserve.db", secrets)
         # Replicas accept only the gateway (and whoever holds this key): they never see users' keys.
         internal_key = secrets.internal_key(home / "internal.key")
-        self.provider = LocalProvider(home, internal_key=internal_key)
+        # One provider per deployment's `spec.provider`, built on first use (a cloud's credentials are
+        # needed only once a deployment asks for it); the reconciler sees them through one router.
+        self.provider = ProviderRouter(self.store, {
+            "local": lambda: LocalProvider(home, internal_key=internal_key),
+            "hathora": lambda: HathoraProvider.from_env(home, internal_key=internal_key),
+            **(providers or {}),
+        })
         self.gateway = Gateway(internal_key=internal_key, holdable=self._holdable, on_demand=self._on_demand)
         self.reconciler = Reconciler(self.store, self.provider, on_change=self.gateway.update,
                                      interval_s=reconcile_interval_s)
@@ -74,6 +82,7 @@ class Platform:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.reconciler.stop(stop_replicas)
+        await self.provider.aclose()
         await self.gateway.close()
         await self.metrics.close()
 

@@ -13,6 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from fleetserve.control.autoscaler import AutoscalePolicy
 
+# Hathora's regions (the provider validates `region` against them); kept here so the spec needs no provider import
+HATHORA_REGIONS = ("Seattle", "Los_Angeles", "Washington_DC", "Chicago", "London", "Frankfurt", "Mumbai", "Singapore",
+                   "Tokyo", "Sydney", "Sao_Paulo", "Dallas", "Johannesburg", "Dubai")
+# fields only a cloud provider honours: the local provider rejects them rather than ignoring them
+CLOUD_FIELDS = {"region": ("hathora",), "image": ("hathora", "kubernetes"), "cpu": ("hathora", "kubernetes"),
+                "memory_mb": ("hathora", "kubernetes"), "kubernetes": ("kubernetes",)}
+
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 # engine_args a deployment may pass to its workers (fleetserve serve options)
@@ -32,6 +39,30 @@ class Replicas(BaseModel):
         return self
 
 
+class KubernetesOptions(BaseModel):
+    """Kubernetes-only settings (provider `kubernetes`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str = Field("default", description="namespace of the deployment's objects (DNS label)")
+    autoscaler: Literal["none", "hpa", "keda"] = Field(
+        "none", description="none: fixed replicas.min; hpa: CPU-based HorizontalPodAutoscaler; keda: a KEDA "
+                            "ScaledObject on fleetserve_queue_depth from Prometheus")
+    prometheus_url: str = Field("http://prometheus-server.monitoring.svc:80",
+                                description="Prometheus that scrapes the pods (keda only)")
+    target_queue_depth: int = Field(4, ge=1, description="queued requests per pod that trigger scale-up (keda)")
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    model_cache_claim: str | None = Field(None, description="PersistentVolumeClaim for the model cache; "
+                                                            "None: an emptyDir per pod")
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must be a DNS label: 1-63 lowercase letters, digits or '-'")
+        return v
+
+
 class DeploymentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -40,7 +71,13 @@ class DeploymentSpec(BaseModel):
     revision: str | None = None
     hf_token: SecretStr | None = Field(None, description="write-only; stored encrypted, never returned")
     backend: Literal["native"] = "native"
-    provider: Literal["local"] = "local"
+    provider: Literal["local", "hathora", "kubernetes"] = "local"
+    region: str | None = Field(None, validate_default=True, description="Hathora region (provider hathora): " + ", ".join(HATHORA_REGIONS))
+    image: str | None = Field(None, min_length=1, description="container image (cloud providers); default: "
+                                                              "fleetserve's own image for the backend")
+    cpu: float | None = Field(None, gt=0, le=64, description="CPU cores per replica (cloud providers)")
+    memory_mb: int | None = Field(None, ge=512, le=1 << 20, description="memory per replica in MB (cloud providers)")
+    kubernetes: KubernetesOptions | None = None
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_model_len: int | None = Field(None, ge=16)
@@ -54,6 +91,29 @@ class DeploymentSpec(BaseModel):
         if not NAME_RE.match(v):
             raise ValueError("must be a DNS label: 1-63 lowercase letters, digits or '-', starting and ending "
                              "with a letter or digit")
+        return v
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        by_lower = {r.lower(): r for r in HATHORA_REGIONS}
+        if v.lower() not in by_lower:
+            raise ValueError(f"unknown region {v!r}; one of {', '.join(HATHORA_REGIONS)}")
+        return by_lower[v.lower()]
+
+    @field_validator(*CLOUD_FIELDS)
+    @classmethod
+    def _cloud_only(cls, v: Any, info) -> Any:
+        provider = info.data.get("provider")  # absent when the provider itself was invalid
+        if provider is None:
+            return v
+        if v is not None and provider not in CLOUD_FIELDS[info.field_name]:
+            raise ValueError(f"{info.field_name} is only supported with provider "
+                             f"{' or '.join(CLOUD_FIELDS[info.field_name])}, not {provider!r}")
+        if info.field_name == "region" and v is None and provider == "hathora":
+            raise ValueError(f"region is required with provider hathora; one of {', '.join(HATHORA_REGIONS)}")
         return v
 
     @field_validator("engine_args")

@@ -141,7 +141,7 @@ function syncKeyButton() {
 
 document.getElementById("forget-key").addEventListener("click", () => {
   auth.key = null;
-  route();
+  showKeyForm();
 });
 window.addEventListener("fleetserve:auth", syncKeyButton);
 window.addEventListener("hashchange", () => route());

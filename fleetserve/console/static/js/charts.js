@@ -20,6 +20,8 @@ export const CHARTS = [
   },
 ];
 
+const INTEGER_STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
+
 const cssVar = (name, fallback) =>
   getComputedStyle(document.documentElement).getPropertyValue(name).trim() || fallback;
 
@@ -52,9 +54,10 @@ export function chart(def) {
       cursor: { drag: { x: false, y: false } },
       legend: { show: def.series.length > 1 },
       scales: { x: { time: true }, y: { range: (_u, _min, max) => [0, def.max ?? Math.max(1, max * 1.15)] } },
-      axes: [{ ...axis }, { ...axis, size: 46, values: (_u, ticks) => ticks.map((t) => num(t, def.digits)) }],
+      // counts get whole-number ticks; rates keep uPlot's own decimal steps
+      axes: [{ ...axis }, { ...axis, size: 46, ...(def.digits === 0 ? { incrs: INTEGER_STEPS } : {}) }],
       series: [{}, ...def.series.map((s, i) => ({
-        label: s.label, stroke: colors[i % colors.length], width: 2, spanGaps: true,
+        label: s.label, stroke: colors[i % colors.length], width: 2, spanGaps: true, points: { show: false },
         fill: def.series.length === 1 ? `${colors[0]}22` : undefined,
         value: (_u, v) => (v === null || v === undefined ? "—" : num(v, def.digits)),
       }))],

@@ -101,6 +101,8 @@ export function render(main, _params, ctx) {
     h("div", { class: "actions" }, submit, h("a", { class: "btn", href: "#/" }, "Cancel")));
 
   main.append(h("div", { class: "page-head" }, h("h1", { id: "new-title" }, "New deployment")), form);
+  // ask for the admin key now (if the platform has one), not after the form is filled in
+  api.list().catch((err) => ctx.fail(err));
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
