@@ -7,9 +7,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install model up serve test test-fast lint bench clean
+.PHONY: install model browser up serve test test-fast lint bench clean
 
-install: $(STAMP) model
+install: $(STAMP) model browser
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ $(STAMP): pyproject.toml
 
 model: $(STAMP)
 	$(VENV)/bin/fleetserve models pull default
+
+# Chromium for the console's browser tests (Playwright drives Debian's chromium; its own download is not used).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if ! command -v apt-get >/dev/null; then echo "install chromium for the browser tests (tests/test_console.py skips without it)"; \
+	  elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
+	  else sudo apt-get update && sudo apt-get install -y chromium; fi; }
 
 up: install
 	$(VENV)/bin/fleetserve up

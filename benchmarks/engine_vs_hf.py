@@ -14,6 +14,7 @@ import platform
 import statistics
 import time
 
+import fleetserve  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 import torch
 from rich.console import Console
 from rich.table import Table

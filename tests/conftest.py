@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before any test module imports torch (see fleetserve/__init__)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -150,8 +150,9 @@ class FakeRoom:
 
 class FakeHathora:
     def __init__(self, workdir: Path, token: str = "hathora-dev-token-" + "t" * 24,
-                 base_env: dict[str, str] | None = None):
+                 base_env: dict[str, str] | None = None, command: list[str] | None = None):
         self.workdir = workdir
+        self.command = command or [sys.executable, "-m", "fleetserve", "serve"]  # the image's entrypoint
         self.token = token
         self.base_env = base_env or {}
         self.lock = threading.RLock()
@@ -534,7 +535,7 @@ class FakeHathora:
         log_path = self.workdir / "processes" / f"{process_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
-            popen = subprocess.Popen([sys.executable, "-m", "fleetserve", "serve"], env=env, stdout=out,
+            popen = subprocess.Popen(self.command, env=env, stdout=out,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         proc = FakeProcess(process_id, app_id, dep["deploymentId"], region, port, log_path, popen, env)
         self.processes[process_id] = proc

@@ -160,6 +160,7 @@ def _no_horizontal_scroll(page) -> None:
 
 def _shot(page, name: str, full_page: bool = False) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.evaluate("document.activeElement && document.activeElement.blur()")  # no focus ring in the picture
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)
 
 

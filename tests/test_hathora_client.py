@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from fleetserve.control.providers import hathora_client as hc
 from fleetserve.control.providers.hathora_client import (
     DeploymentConfigV3,
     EnvVar,
@@ -29,20 +28,21 @@ def fake(tmp_path):
 
 
 @pytest.fixture
-def sleeps(monkeypatch):
-    """Records the client's backoff delays instead of sleeping them (no timing in tests)."""
-    delays: list[float] = []
+def sleeps():
+    """The client's backoff delays, recorded instead of slept (no timing in tests)."""
+    return []
 
-    async def fake_sleep(s: float) -> None:
+
+def recorder(delays: list[float]):
+    async def sleep(s: float) -> None:
         delays.append(s)
 
-    monkeypatch.setattr(hc.asyncio, "sleep", fake_sleep)
-    return delays
+    return sleep
 
 
 @pytest.fixture
-async def client(fake):
-    c = HathoraClient(fake.token, fake.url)
+async def client(fake, sleeps):
+    c = HathoraClient(fake.token, fake.url, sleep=recorder(sleeps))
     yield c
     await c.aclose()
 
@@ -86,7 +86,9 @@ async def test_deployment_body_has_every_required_field_with_its_type(fake, clie
     assert body == {"buildId": build.build_id, "idleTimeoutEnabled": False, "env": [{"name": "A", "value": "1"}],
                     "roomsPerProcess": 1, "transportType": "tls", "containerPort": 8000,
                     "requestedMemoryMB": 4096, "requestedCPU": 2}
-    assert "value" not in repr(config(build.build_id)) or "1" not in repr(config(build.build_id)).split("env=")[1][:5]
+    secret = config(build.build_id)
+    secret.env.append(EnvVar(name="HF_TOKEN", value="hf_dont_print_me"))
+    assert "hf_dont_print_me" not in repr(secret) and "HF_TOKEN" in repr(secret)
 
 
 async def test_401_names_the_token_variable_but_never_contains_it(fake):
@@ -146,7 +148,7 @@ async def test_5xx_is_retried_with_bounded_backoff(fake, client, sleeps):
 
 
 async def test_unreachable_api_is_unavailable(sleeps):
-    c = HathoraClient("tok-" + "x" * 20, f"http://127.0.0.1:{free_port()}", max_retries=1)
+    c = HathoraClient("tok-" + "x" * 20, f"http://127.0.0.1:{free_port()}", max_retries=1, sleep=recorder(sleeps))
     with pytest.raises(HathoraUnavailable) as err:
         await c.get_app("a")
     await c.aclose()
@@ -173,8 +175,8 @@ async def test_room_process_logs_and_metrics_paths_for_unknown_ids(fake, client)
                      f"/logs/v1/{app.app_id}/process/p1",
                      f"/processes/v3/apps/{app.app_id}/processes/process/p1/metrics",
                      f"/rooms/v2/{app.app_id}/destroy/r1"]
-    assert fake.requests[-3]["query"] == "metrics=cpu&metrics=memory"
-    assert fake.requests[-4]["query"] == "tailLines=10&follow=false"
+    assert fake.requests[-2]["query"] == "metrics=cpu&metrics=memory"
+    assert fake.requests[-3]["query"] == "tailLines=10&follow=false"
 
 
 async def test_fake_enforces_the_contract(fake):

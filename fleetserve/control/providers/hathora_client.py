@@ -203,12 +203,13 @@ class HathoraClient:
 
     def __init__(self, token: str, base_url: str = DEFAULT_API_URL, *, timeout_s: float = 30.0,
                  max_retries: int = 4, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 transport: httpx.AsyncBaseTransport | None = None, sleep=asyncio.sleep):
         if not token:
             raise HathoraAuthError("configuration", None, "HATHORA_TOKEN is not set")
         self._token = token
         self.base_url = base_url.rstrip("/")
         self.max_retries, self.backoff_s, self.max_backoff_s = max_retries, backoff_s, max_backoff_s
+        self.sleep = sleep  # how backoff waits (tests record the delays instead)
         # httpx honours SSL_CERT_FILE / SSL_CERT_DIR for the CA bundle (trust_env, the default)
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, transport=transport,
                                        headers={"User-Agent": "fleetserve"})
@@ -254,7 +255,7 @@ class HathoraClient:
         delay = min(delay, self.max_backoff_s)
         log.warning("Hathora API %s: %s; retrying in %.1fs (attempt %d of %d)", operation, why, delay,
                     attempt + 1, self.max_retries + 1)
-        await asyncio.sleep(delay)
+        await self.sleep(delay)
 
     def _error(self, operation: str, resp: httpx.Response) -> HathoraError:
         try:

@@ -77,11 +77,17 @@ export function chart(def) {
         (p[s.key] === null || p[s.key] === undefined ? null : p[s.key] * (s.scale || 1))));
       last = [xs, ...ys];
       empty.hidden = points.length > 0;
-      const cur = points.length ? points[points.length - 1] : null;
-      value.textContent = cur
+      // the newest value of each series (TTFT is null in windows without requests: show the last one seen)
+      const latest = (key) => {
+        for (let i = points.length - 1; i >= 0; i--) {
+          if (points[i][key] !== null && points[i][key] !== undefined) return points[i][key];
+        }
+        return null;
+      };
+      value.textContent = points.length
         ? def.series.map((s) => {
-          const v = cur[s.key];
-          const text = v === null || v === undefined ? "—" : num(v * (s.scale || 1), def.digits);
+          const v = latest(s.key);
+          const text = v === null ? "—" : num(v * (s.scale || 1), def.digits);
           return def.series.length > 1 ? `${s.label} ${text}` : text;
         }).join(" · ")
         : "—";

@@ -222,13 +222,13 @@ function scaleDialog(d, done, ctx) {
         event.preventDefault();
         Object.values(errors).forEach((e) => { e.textContent = ""; });
         general.textContent = "";
-        const body = { replicas: {} };
-        if (min.value !== "") body.replicas.min = Number(min.value);
-        if (max.value !== "") body.replicas.max = Number(max.value);
+        const change = { replicas: {} };
+        if (min.value !== "") change.replicas.min = Number(min.value);
+        if (max.value !== "") change.replicas.max = Number(max.value);
         save.disabled = true;
         try {
-          await api.patch(d.name, body);
-          toast(`Scaling ${d.name} to ${body.replicas.min ?? d.spec.replicas.min}..${body.replicas.max ?? d.spec.replicas.max}`);
+          await api.patch(d.name, change);
+          toast(`Scaling ${d.name} to ${change.replicas.min ?? d.spec.replicas.min}..${change.replicas.max ?? d.spec.replicas.max}`);
           close();
           done();
         } catch (err) {

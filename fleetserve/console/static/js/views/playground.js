@@ -5,7 +5,7 @@
 import { api, ApiError, auth, AuthRequired, endpointFor } from "../api.js";
 import * as snippets from "../snippets.js";
 import { StreamError, postSSE } from "../sse.js";
-import { badge, clear, codeBlock, h, nextId, num, openDialog, poll, tabs } from "../ui.js";
+import { badge, clear, codeBlock, h, nextId, num, openDialog, poll, statusLabel, tabs } from "../ui.js";
 
 export function render(main, { name }, ctx) {
   ctx.title(`Playground · ${name}`);
@@ -35,8 +35,8 @@ export function render(main, { name }, ctx) {
       clear(statusBadge).append(badge(deployment.status));
       const ready = deployment.ready_replicas > 0;
       notice.hidden = ready;
-      notice.textContent = ready ? "" : `This deployment is ${deployment.status.replace(/_/g, " ")} `
-        + `(${deployment.message}); replies start once a replica is ready.`;
+      notice.textContent = ready ? "" : `No replica of this deployment is ready yet (${statusLabel(deployment.status)}: `
+        + `${deployment.message}). Messages get an answer once one is.`;
     } catch (err) {
       if (err.name === "AbortError" || ctx.fail(err)) return;
       notice.hidden = false;
