@@ -54,8 +54,8 @@ async def main_async(args) -> None:
                                           enable_prefix_caching=False), torch.device("cpu"), dtypes[name])
         engines[name].start()
     ids = tok.encode(TEXT)
-    ref, low = (await prompt_logprobs(engines[n], ids) for n in ("fp32", args.precision))
-    ref, low = await ref, await low
+    ref = await prompt_logprobs(engines["fp32"], ids)
+    low = await prompt_logprobs(engines[args.precision], ids)
     top1 = sum((a.top[0][0] == b.top[0][0]) for a, b in zip(ref, low)) / len(ref)
     dlp = sum(abs(a.logprob - b.logprob) for a, b in zip(ref, low)) / len(ref)
     nll_ref = -sum(a.logprob for a in ref) / len(ref)
