@@ -154,6 +154,7 @@ def open_page(browser):
 
 
 def _no_horizontal_scroll(page) -> None:
+    page.wait_for_timeout(300)  # let resize observers (the charts) settle after a viewport change
     overflow = page.evaluate("document.scrollingElement.scrollWidth - window.innerWidth")
     assert overflow <= 1, f"the page scrolls sideways by {overflow}px at {page.viewport_size}"
 

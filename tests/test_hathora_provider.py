@@ -181,3 +181,30 @@ async def test_missing_token_fails_clearly(tmp_path, monkeypatch, fast_backoff):
     p = Platform(tmp_path / "home", "http://127.0.0.1:1", default_deployment=False, reconcile_interval_s=0.05)
     d, _ = await run(p, spec(), lambda d: d["status"] == "failed")
     assert "HATHORA_TOKEN is not set" in d["message"]
+
+
+def test_cli_deploy_sends_the_hathora_fields(monkeypatch):
+    from typer.testing import CliRunner
+
+    import fleetserve.cli.platform as cli_platform
+    from fleetserve.cli import app
+
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        body = {**sent[-1], "hf_token_set": False}
+        return httpx.Response(201, json={"name": "hat", "status": "pending", "message": "", "ready_replicas": 0,
+                                         "desired_replicas": 1, "replicas": [], "endpoint": "http://x/v1",
+                                         "spec": body, "created_at": time.time(), "updated_at": time.time()})
+
+    monkeypatch.setattr(cli_platform, "_client", lambda url, key: httpx.Client(
+        base_url=url, transport=httpx.MockTransport(handler)))
+    r = CliRunner().invoke(app, ["deploy", "default", "-n", "hat", "--provider", "hathora", "--region", "Tokyo",
+                                 "--image", "ghcr.io/me/fs:1", "--cpu", "4", "--memory-mb", "8192", "-o", "json"])
+    assert r.exit_code == 0, r.output
+    assert sent[0]["provider"] == "hathora" and sent[0]["region"] == "Tokyo" and sent[0]["image"] == "ghcr.io/me/fs:1"
+    assert sent[0]["cpu"] == 4 and sent[0]["memory_mb"] == 8192
+    DeploymentSpec.model_validate(sent[0])  # what the CLI sends is a valid spec
+    r = CliRunner().invoke(app, ["deploy", "default", "-n", "loc", "-o", "json"])
+    assert r.exit_code == 0 and "region" not in sent[1] and sent[1]["provider"] == "local"

@@ -19,6 +19,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -68,17 +69,56 @@ def install_triton_stub_if_missing() -> None:
         sys.meta_path.append(_TritonStub())
 
 
-def _real_sglang():
-    """(server parser, ServerArgs, parse_router_args), or None when sglang / sglang-router are not installed."""
-    if importlib.util.find_spec("sglang") is None or importlib.util.find_spec("sglang_router") is None:
-        return None
-    install_triton_stub_if_missing()
-    from sglang.srt.server_args import ServerArgs
-    from sglang_router.launch_router import parse_router_args
+def sglang_installed() -> bool:
+    return importlib.util.find_spec("sglang") is not None and importlib.util.find_spec("sglang_router") is not None
 
-    parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False)
-    ServerArgs.add_cli_args(parser)
-    return parser, ServerArgs, parse_router_args
+
+SERVER_FIELDS = ["model_path", "tp_size", "host", "port", "quantization", "kv_cache_dtype", "dtype", "context_length",
+                 "max_total_tokens", "mem_fraction_static", "schedule_conservativeness", "max_queued_requests",
+                 "enable_metrics", "enable_p2p_check", "enable_torch_compile", "log_level", "served_model_name",
+                 "revision", "disaggregation_mode", "disaggregation_bootstrap_port", "disaggregation_ib_device",
+                 "disaggregation_transfer_backend", "speculative_algorithm", "speculative_num_steps",
+                 "speculative_eagle_topk", "speculative_num_draft_tokens", "speculative_draft_model_path",
+                 "speculative_token_map", "speculative_attention_mode"]
+
+# Runs in a child process: importing sglang patches transformers process-wide, which must not leak
+# into the rest of the test session.
+_CHILD = """
+import argparse, json, sys
+from tests.test_planner_commands import SERVER_FIELDS, install_triton_stub_if_missing
+install_triton_stub_if_missing()
+from sglang.srt.server_args import ServerArgs
+from sglang_router.launch_router import parse_router_args
+jobs = json.load(sys.stdin)
+out = []
+for kind, argv in jobs:
+    try:
+        if kind == "server":
+            parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False)
+            ServerArgs.add_cli_args(parser)
+            ns, extra = parser.parse_known_args(argv)
+            if extra:
+                raise ValueError(f"unrecognized arguments: {extra}")
+            sa = ServerArgs.from_cli_args(ns)
+            out.append({f: getattr(sa, f) for f in SERVER_FIELDS})
+        else:
+            ra = parse_router_args(argv)
+            out.append({"pd_disaggregation": ra.pd_disaggregation, "prefill_urls": ra.prefill_urls,
+                        "decode_urls": ra.decode_urls, "decode_policy": ra.decode_policy, "port": ra.port,
+                        "host": ra.host})
+    except BaseException as exc:
+        out.append({"error": f"{type(exc).__name__}: {exc}"})
+print(json.dumps(out))
+"""
+
+
+def parse_with_sglang(jobs: list[tuple[str, list[str]]]) -> list[dict]:
+    """[("server" | "router", argv)] -> what SGLang's own parsers made of each (or {"error": ...})."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(jobs), capture_output=True, text=True,
+                          cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- parsers rebuilt from recorded flag lists
@@ -200,23 +240,34 @@ def _check_router(args, proc, p) -> None:
         assert args.decode_policy == "round_robin"
 
 
-@pytest.mark.parametrize("case", sglang_plans())
-def test_sglang_commands_parse_with_sglangs_own_parser(case):
-    real = _real_sglang()
-    if real is None:
-        pytest.skip("sglang==0.5.23 / sglang-router not installed; the recorded-flags test covers this")
-    parser, server_args_cls, parse_router_args = real
-    model, gpu, count, spec = case
-    p = plan(model, gpu, count, backend="sglang", **spec)
+@pytest.fixture(scope="module")
+def sglang_verdicts():
+    """Every SGLang case's plan, and SGLang's own parse of each of its processes (one child process)."""
+    if not sglang_installed():
+        pytest.skip("sglang==0.5.23 / sglang-router not installed (pip install --no-deps sglang==0.5.23); "
+                    "test_sglang_commands_parse_with_the_recorded_flags covers the same argv")
+    plans = {name: plan(m, g, n, backend="sglang", **spec) for name, (m, g, n, spec) in SGLANG_CASES.items()}
+    jobs, keys = [], []
+    for name, p in plans.items():
+        for proc in p.processes:
+            jobs.append(("router" if proc.role == "router" else "server", proc.argv[3:]))
+            keys.append((name, proc.name))
+    return plans, dict(zip(keys, parse_with_sglang(jobs)))
+
+
+@pytest.mark.parametrize("name", list(SGLANG_CASES))
+def test_sglang_commands_parse_with_sglangs_own_parser(name, sglang_verdicts):
+    plans, verdicts = sglang_verdicts
+    p = plans[name]
     for proc in p.processes:
+        got = verdicts[(name, proc.name)]
+        assert "error" not in got, f"SGLang rejected {proc.name}: {got.get('error')}\n{proc.command}"
         if proc.role == "router":
             assert proc.argv[1:3] == ["-m", "sglang_router.launch_router"]
-            _check_router(parse_router_args(proc.argv[3:]), proc, p)
-            continue
-        assert proc.argv[1:3] == ["-m", "sglang.launch_server"]
-        ns = parse_strict(parser, proc.argv[3:])
-        server_args = server_args_cls.from_cli_args(ns)  # SGLang's record of the settings
-        _check_server_ns(server_args, proc, p)
+            _check_router(argparse.Namespace(**got), proc, p)
+        else:
+            assert proc.argv[1:3] == ["-m", "sglang.launch_server"]
+            _check_server_ns(argparse.Namespace(**got), proc, p)
 
 
 @pytest.mark.parametrize("case", sglang_plans())
@@ -244,24 +295,28 @@ def test_recorded_parsers_reject_what_sglang_would():
             parse_strict(server, bad)
 
 
-def test_recorded_flags_match_the_installed_sglang():
-    real = _real_sglang()
-    if real is None:
+def test_recorded_flags_match_the_installed_sglang(tmp_path):
+    """The recorded flag lists are what the installed SGLang 0.5.23 / router 0.3.2 accept (no drift)."""
+    if not sglang_installed():
         pytest.skip("sglang not installed")
-    import sglang
-
-    sys.path.insert(0, str(FLAGS))
-    try:
-        from record_sglang import dump
-    finally:
-        sys.path.remove(str(FLAGS))
-    if sglang.__version__ != "0.5.23":
-        pytest.skip(f"recorded for sglang 0.5.23, installed {sglang.__version__}")
-    parser = argparse.ArgumentParser()
-    real[1].add_cli_args(parser)
-    live = dump(parser, sglang.__version__, "")["actions"]
-    recorded = json.loads(SGLANG_FLAGS.read_text())["actions"]
-    assert {tuple(a["option_strings"]) for a in live} == {tuple(a["option_strings"]) for a in recorded}
+    root = Path(__file__).resolve().parent.parent
+    script = ("import json, sys; sys.argv = ['x']; import runpy; "
+              "from tests.test_planner_commands import install_triton_stub_if_missing; "
+              "install_triton_stub_if_missing(); import sglang; print(sglang.__version__)")
+    version = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root,
+                             timeout=300).stdout.strip().splitlines()[-1]
+    if version != "0.5.23":
+        pytest.skip(f"recorded for sglang 0.5.23, installed {version}")
+    out = tmp_path / "flags"
+    out.mkdir()
+    code = (f"import sys; sys.path.insert(0, {str(FLAGS)!r}); import record_sglang; "
+            f"from pathlib import Path; record_sglang.HERE = Path({str(out)!r}); record_sglang.main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for recorded in (SGLANG_FLAGS, ROUTER_FLAGS):
+        live = json.loads((out / recorded.name).read_text())["actions"]
+        assert [a["option_strings"] for a in live] == [a["option_strings"] for a in json.loads(
+            recorded.read_text())["actions"]], f"{recorded.name} is out of date: run record_sglang.py"
 
 
 # ---------------------------------------------------------------- vLLM against `vllm serve --help`
@@ -284,7 +339,7 @@ def check_vllm_argv(argv: list[str]) -> dict[str, object]:
         assert spec is not None, f"{raw} is not a `vllm serve` flag (fixture {VLLM_FLAGS.name})"
         kind = spec.get("kind", "value")
         if kind in ("store_true", "bool_optional"):
-            out[name] = not negated
+            out["--" + name[5:] if negated else name] = not negated
             i += 1
             continue
         nargs = spec.get("nargs")

@@ -15,6 +15,7 @@ from rich.markup import escape
 from fleetserve import __version__
 from fleetserve.bench.cli import BENCH_EPILOG, BENCH_HELP, bench
 from fleetserve.cli import platform as platform_commands
+from fleetserve.cli.plan import PLAN_EPILOG, PLAN_HELP, plan
 from fleetserve.cli.serve import EXIT_CONFIG, SERVE_EPILOG, SERVE_HELP, serve
 
 APP_HELP = """\
@@ -66,6 +67,7 @@ models_app = typer.Typer(help=MODELS_HELP, epilog=MODELS_EPILOG, rich_markup_mod
 app.add_typer(models_app, name="models")
 app.command("serve", help=SERVE_HELP, epilog=SERVE_EPILOG)(serve)
 app.command("bench", help=BENCH_HELP, epilog=BENCH_EPILOG)(bench)
+app.command("plan", help=PLAN_HELP, epilog=PLAN_EPILOG)(plan)
 platform_commands.register(app)
 
 

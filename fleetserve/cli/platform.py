@@ -134,20 +134,68 @@ def deploy(
     max_model_len: Annotated[int | None, typer.Option(help="Context window per request.")] = None,
     hf_token: Annotated[str | None, typer.Option(envvar="HF_TOKEN", show_envvar=False,
                                                  help="HF token for gated models (stored encrypted; env HF_TOKEN).")] = None,
+    provider: Annotated[str, typer.Option(help="Where replicas run: local | hathora | kubernetes.")] = "local",
+    region: Annotated[str | None, typer.Option(help="Hathora region (provider hathora), e.g. Seattle.")] = None,
+    image: Annotated[str | None, typer.Option(help="Container image (cloud providers); default: fleetserve's.")] = None,
+    cpu: Annotated[float | None, typer.Option(help="CPU cores per replica (cloud providers).")] = None,
+    memory_mb: Annotated[int | None, typer.Option(help="Memory per replica in MB (cloud providers).")] = None,
+    gpus: Annotated[int | None, typer.Option(help="GPUs per replica (cloud providers).")] = None,
+    gpu_type: Annotated[str | None, typer.Option(help="GPU model, e.g. H100 (with --gpus).")] = None,
+    namespace: Annotated[str | None, typer.Option(help="Kubernetes namespace (provider kubernetes).")] = None,
+    autoscaler: Annotated[str | None, typer.Option(
+        help="Kubernetes autoscaler in the --dry-run manifests: none | hpa | keda.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the Kubernetes manifests (-o yaml or json) instead of deploying; no cluster "
+                          "or platform needed. Secrets are ${HF_TOKEN} / ${FLEETSERVE_API_KEY} placeholders.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait until the deployment is running.")] = False,
-    url: URL_OPT = DEFAULT_URL, api_key: KEY_OPT = None, output: OUT_OPT = "table",
+    url: URL_OPT = DEFAULT_URL, api_key: KEY_OPT = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="table | json; yaml with --dry-run")] = "table",
 ) -> None:
     """Create a deployment: the platform starts its replicas and routes /v1 requests with `model` = NAME."""
     lo = replicas if replicas is not None else (min_replicas if min_replicas is not None else 1)
     hi = replicas if replicas is not None else (max_replicas if max_replicas is not None else max(lo, 1))
     spec = {"name": name, "model": model, "revision": revision, "precision": precision, "device": device,
-            "max_model_len": max_model_len, "replicas": {"min": lo, "max": hi}}
+            "max_model_len": max_model_len, "replicas": {"min": lo, "max": hi}, "provider": provider}
+    for key, value in (("region", region), ("image", image), ("cpu", cpu), ("memory_mb", memory_mb)):
+        if value is not None:  # unset cloud fields stay out: the local provider rejects them
+            spec[key] = value
+    if gpus is not None or gpu_type is not None:
+        spec["gpu"] = {k: v for k, v in (("count", gpus), ("type", gpu_type)) if v is not None}
+    k8s = {k: v for k, v in (("namespace", namespace), ("autoscaler", autoscaler)) if v is not None}
+    if k8s:
+        spec["kubernetes"] = k8s
+    if dry_run:
+        _dry_run(spec, output)
+        return
     if hf_token:
         spec["hf_token"] = hf_token
     d = _call("POST", url, api_key, "/api/v1/deployments", json=spec)
     if wait:
         d = _wait_running(url, api_key, name)
     _emit(d, output, lambda x: _table([x]))
+
+
+def _dry_run(spec: dict, output: str) -> None:
+    """Kubernetes manifests for the spec, printed, nothing deployed (the HF token is never printed)."""
+    from pydantic import ValidationError
+
+    from fleetserve.control.providers.kubernetes import manifests, to_yaml
+    from fleetserve.control.spec import DeploymentSpec
+
+    if spec["provider"] != "kubernetes":
+        err.print("[bold red]error:[/] --dry-run prints Kubernetes manifests: use it with --provider kubernetes")
+        raise typer.Exit(2)
+    try:
+        parsed = DeploymentSpec.model_validate(spec)
+    except ValidationError as exc:
+        for e in exc.errors():
+            err.print(f"[bold red]error:[/] {'.'.join(str(x) for x in e['loc']) or 'spec'}: {e['msg']}")
+        raise typer.Exit(2) from None
+    objects = manifests(parsed)
+    if output == "json":
+        typer.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
+    else:
+        typer.echo(to_yaml(objects), nl=False)
 
 
 def _wait_running(url: str, api_key: str | None, name: str, timeout: float = 900) -> dict:

@@ -18,7 +18,8 @@ HATHORA_REGIONS = ("Seattle", "Los_Angeles", "Washington_DC", "Chicago", "London
                    "Tokyo", "Sydney", "Sao_Paulo", "Dallas", "Johannesburg", "Dubai")
 # fields only a cloud provider honours: the local provider rejects them rather than ignoring them
 CLOUD_FIELDS = {"region": ("hathora",), "image": ("hathora", "kubernetes"), "cpu": ("hathora", "kubernetes"),
-                "memory_mb": ("hathora", "kubernetes"), "kubernetes": ("kubernetes",)}
+                "memory_mb": ("hathora", "kubernetes"), "gpu": ("hathora", "kubernetes"),
+                "kubernetes": ("kubernetes",)}
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -39,6 +40,15 @@ class Replicas(BaseModel):
         return self
 
 
+class GPU(BaseModel):
+    """GPUs per replica: Kubernetes `nvidia.com/gpu` limits, Hathora `requestedGPU`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str | None = Field(None, min_length=1, description="GPU model, e.g. H100 (informational for providers)")
+    count: int = Field(1, ge=1, le=16)
+
+
 class KubernetesOptions(BaseModel):
     """Kubernetes-only settings (provider `kubernetes`)."""
 
@@ -46,11 +56,11 @@ class KubernetesOptions(BaseModel):
 
     namespace: str = Field("default", description="namespace of the deployment's objects (DNS label)")
     autoscaler: Literal["none", "hpa", "keda"] = Field(
-        "none", description="none: fixed replicas.min; hpa: CPU-based HorizontalPodAutoscaler; keda: a KEDA "
-                            "ScaledObject on fleetserve_queue_depth from Prometheus")
+        "none", description="manifests printed by --dry-run: none: fixed replicas.min; hpa: a HorizontalPodAutoscaler "
+                            "on the fleetserve_queue_depth pods metric; keda: a KEDA ScaledObject on "
+                            "fleetserve_queue_depth from Prometheus (target: autoscale.target_concurrency per pod)")
     prometheus_url: str = Field("http://prometheus-server.monitoring.svc:80",
                                 description="Prometheus that scrapes the pods (keda only)")
-    target_queue_depth: int = Field(4, ge=1, description="queued requests per pod that trigger scale-up (keda)")
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     model_cache_claim: str | None = Field(None, description="PersistentVolumeClaim for the model cache; "
                                                             "None: an emptyDir per pod")
@@ -77,6 +87,7 @@ class DeploymentSpec(BaseModel):
                                                               "fleetserve's own image for the backend")
     cpu: float | None = Field(None, gt=0, le=64, description="CPU cores per replica (cloud providers)")
     memory_mb: int | None = Field(None, ge=512, le=1 << 20, description="memory per replica in MB (cloud providers)")
+    gpu: GPU | None = None
     kubernetes: KubernetesOptions | None = None
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

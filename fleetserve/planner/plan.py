@@ -56,6 +56,13 @@ def gpus_words(gpus: list[int]) -> str:
     return ("GPU " if len(gpus) == 1 else "GPUs ") + gpu_ranges(gpus)
 
 
+def _groups_words(groups: list[list[int]]) -> str:
+    """[[2, 3], [4, 5]] -> "GPUs 2-3 / 4-5" (one engine per group)."""
+    if len(groups) == 1:
+        return gpus_words(groups[0])
+    return "GPUs " + " / ".join(gpu_ranges(g) for g in groups)
+
+
 def gpu_ranges(gpus: list[int]) -> str:
     """[2, 3, 4] -> "2-4", [0] -> "0", [0, 2] -> "0,2"."""
     if gpus and gpus == list(range(gpus[0], gpus[-1] + 1)) and len(gpus) > 1:
@@ -119,7 +126,7 @@ def make_plan(spec: PlanSpec, hardware: Hardware, model_info: ModelInfo,
               sources: Mapping[str, str] | None = None) -> Plan:
     """The launch plan, or PlanError with the reason when none is possible."""
     ctx = _Ctx(spec, hardware, model_info, sources or {}, [], [])
-    hw, mi = hardware, model_info
+    hw = hardware
     ctx.decide("hardware", hw.describe(), f"{'described' if hw.source == 'synthetic' else 'detected'} "
                f"({hw.source})" + (f", interconnect {hw.interconnect}" if hw.interconnect else ""))
     ctx.warnings += [n for n in hw.notes if "not detected" not in n]
@@ -349,7 +356,7 @@ def _unified_plan(ctx: _Ctx, s: EngineSettings) -> Plan:
         ctx.warnings += vllm_cmd.unsupported(s)
     proc = Process("engine", "unified", gpus, tp, port, argv, {"CUDA_VISIBLE_DEVICES": gpu_ranges_csv(gpus)},
                    host=s.host)
-    ctx.decide("memory", f"TP {tp}", check.describe() + f"; room for about {check.kv_capacity_tokens} KV tokens")
+    ctx.decide("memory", f"TP {tp}", check.describe() + f"; room for about {check.kv_capacity_tokens:,} KV tokens")
     return _finish(ctx, s, "unified", [proc], proc.url, None, [check])
 
 
@@ -506,9 +513,9 @@ def _pd_plan(ctx: _Ctx, s: EngineSettings, layout: tuple[_Group, _Group]) -> Pla
                    "server runs the draft model once so decode starts drafting from the transferred state")
     for g in (prefill, decode):
         ctx.decide("memory", f"{g.role} TP {g.tp}", g.check.describe() + f"; room for about "
-                   f"{g.check.kv_capacity_tokens} KV tokens")
-    ctx.decide("mode", "pd", f"prefill on {'; '.join(gpus_words(g) for g in prefill.groups)}, decode on "
-               f"{'; '.join(gpus_words(g) for g in decode.groups)}, KV cache transferred between them")
+                   f"{g.check.kv_capacity_tokens:,} KV tokens")
+    ctx.decide("mode", "pd", f"prefill on {_groups_words(prefill.groups)}, decode on {_groups_words(decode.groups)}; "
+               "the KV cache moves from prefill to decode")
     return _finish(ctx, s, "pd", procs, router.url, spec.pd_bootstrap_port, [prefill.check, decode.check])
 
 

@@ -65,6 +65,8 @@ class PlanSpec(BaseModel):
     engine_port: int = Field(DEFAULT_ENGINE_PORT, ge=1, le=65000)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     python: str = "python3"  # interpreter in the generated command lines
+    gpu_type: str | None = None  # plan for a machine with these GPUs instead of detecting this one
+    gpu_count: int | None = Field(None, ge=1, le=64)
 
     @field_validator("precision", "speculative", "log_level", "pd", "speculative_attention_mode", mode="before")
     @classmethod
@@ -94,7 +96,7 @@ class PlanSpec(BaseModel):
 
     @field_validator("tp_size", "max_model_len", "max_total_tokens", "max_queued_requests", "port", "engine_port",
                      "pd_bootstrap_port", "speculative_num_steps", "speculative_eagle_topk",
-                     "speculative_num_draft_tokens", mode="before")
+                     "speculative_num_draft_tokens", "gpu_count", mode="before")
     @classmethod
     def _no_bool(cls, value: Any) -> Any:
         if isinstance(value, bool):
