@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	@# The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e '.[test]'
+	@# SGLang's own argument parser validates the planner's command lines (no deps: it never runs here).
+	$(PY) -m pip install -q --no-deps sglang==0.5.23
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

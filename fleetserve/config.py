@@ -73,6 +73,7 @@ ALLOWED = {
     "max_batch_tokens": "a positive integer (tokens per engine step)",
     "max_running_seqs": "a positive integer",
     "kv_cache_tokens": "a positive integer (KV pool size in tokens)",
+    "kv_cache_memory": "a size like 2GiB, 512MiB, 1.5GB or a number of bytes (KV pool size in memory)",
     "block_size": "one of " + ", ".join(map(str, BLOCK_SIZES)),
     "max_queue_len": "a positive integer",
     "enable_prefix_caching": "true or false",
@@ -100,6 +101,19 @@ _PRECISION_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "f
 _LOG_LEVEL_ALIASES = {"warn": "warning"}
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
+               "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB' -> 2147483648; '1.5GB' -> 1500000000; '4096' -> 4096."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size (examples: 2GiB, 512MiB, 1.5GB, 1048576)")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
 class ConfigError(ValueError):
     """Invalid configuration; the message names the field, its source and what is allowed."""
 
@@ -123,6 +137,7 @@ class ServeConfig(BaseModel):
     max_batch_tokens: int = Field(2048, ge=1)
     max_running_seqs: int = Field(64, ge=1)
     kv_cache_tokens: int | None = Field(None, ge=1)  # None: sized automatically
+    kv_cache_memory: int | None = Field(None, ge=1)  # bytes; kv_cache_tokens wins when both are set
     block_size: int = 16
     max_queue_len: int = Field(256, ge=1)
     enable_prefix_caching: bool = True  # share KV blocks of common prompt prefixes between requests
@@ -142,6 +157,11 @@ class ServeConfig(BaseModel):
     hathora_region: str | None = None
     hathora_process_id: str | None = None
     hathora_hostname: str | None = None
+
+    @field_validator("kv_cache_memory", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
 
     @field_validator("precision", "device", "log_level", mode="before")
     @classmethod

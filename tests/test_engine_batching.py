@@ -83,14 +83,14 @@ async def test_random_submit_abort_cycles_leak_no_blocks(make_engine, prompts):
 
     async def one(i: int) -> None:
         stream = await engine.generate(GenerationRequest(f"cycle-{i}", rng.choice(prompts), SamplingParams(
-            temperature=0.8, seed=i, max_tokens=rng.randint(1, 12))))
+            temperature=0.8, seed=i, max_tokens=rng.randint(1, 8))))
         stop_after = rng.randint(0, 6)
         async for n, _ in aenumerate(stream):
             if n >= stop_after:
                 break
         await stream.aclose()
 
-    for round_ in range(10):
+    for round_ in range(100):  # a thousand random request/abort cycles
         await asyncio.gather(*(one(round_ * 10 + i) for i in range(10)))
     for _ in range(200):
         if engine.block_manager.num_used == 0 and not engine.scheduler.has_work():
@@ -169,3 +169,15 @@ async def test_prefix_cache_reuses_shared_prompt_prefix(make_engine, tokenizer):
     assert stats.prefix_cache_hit_tokens >= 5 * (shared // 16) * 16
     assert 0 < stats.prefix_cache_hit_rate < 1
     assert cached.block_manager.num_used == 0
+
+
+def test_kv_cache_sized_from_a_memory_budget(make_engine, default_model):
+    from fleetserve.config import parse_size
+
+    assert parse_size("2GiB") == 2 << 30 and parse_size("1.5GB") == 1_500_000_000 and parse_size("4096") == 4096
+    _, cfg = default_model
+    per_token = cfg.kv_bytes_per_token(4)  # fp32
+    engine = make_engine(kv_cache_memory=128 << 20)
+    assert engine.block_manager.num_blocks == (128 << 20) // (per_token * 16)
+    with pytest.raises(ValueError, match="max_model_len"):
+        make_engine(kv_cache_memory=per_token * 100)

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from fleetserve.control.platform import Platform, create_platform_app
+from fleetserve.control.providers.hathora_client import HathoraClient
 from tests.hathora_fake import FakeHathora, container_base_env
 
 pytestmark = pytest.mark.slow
@@ -87,6 +88,15 @@ async def test_hathora_deployment_end_to_end(tmp_path, fake, monkeypatch):
             assert set(proc.env) >= {"DEPLOYMENT_CONFIG_JSON", "FLEETSERVE_SERVED_MODEL_NAME", "HF_TOKEN",
                                      "FLEETSERVE_API_KEY", "HATHORA_DEFAULT_PORT", "HATHORA_REGION",
                                      "HATHORA_PROCESS_ID", "HATHORA_HOSTNAME"}
+
+            # the room's process, as Hathora reports it: running in its region, with metrics
+            api = HathoraClient(fake.token, fake.url)
+            running = await api.latest_processes(proc.app_id, status=["running"], region=["Seattle"])
+            assert [x.process_id for x in running] == [proc.process_id]
+            assert running[0].exposed_port.port == proc.port and running[0].exposed_port.transport_type == "tls"
+            metrics = await api.process_metrics(proc.app_id, proc.process_id, ("cpu", "memory"))
+            assert metrics["memory"][0].value > 50e6  # the worker holds the model
+            await api.aclose()
 
             # logs come from Hathora's logs API
             lines = (await c.get("/api/v1/deployments/hchat/logs", params={"tail": 30})).json()["lines"]

@@ -208,3 +208,38 @@ def test_cli_deploy_sends_the_hathora_fields(monkeypatch):
     DeploymentSpec.model_validate(sent[0])  # what the CLI sends is a valid spec
     r = CliRunner().invoke(app, ["deploy", "default", "-n", "loc", "-o", "json"])
     assert r.exit_code == 0 and "region" not in sent[1] and sent[1]["provider"] == "local"
+
+
+async def test_a_restarted_control_plane_still_drains_the_rooms_process(tmp_path, fake):
+    p = platform_with(tmp_path, fake)
+    app = create_platform_app(p)
+    app.state.keep_replicas = True  # the control plane "dies": its rooms keep running
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            await c.post("/api/v1/deployments", json=spec())
+            deadline = time.monotonic() + 20
+            while not [r for r in p.store.replicas("hat") if (r.log_path or "").startswith("hathora-process:")]:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+    (row,) = p.store.replicas("hat")
+    (proc,) = fake.processes.values()
+    assert row.log_path == f"hathora-process:{proc.process_id}"
+    fresh = HathoraProvider(HathoraClient(fake.token, fake.url), tmp_path / "home", "k")  # a new control plane
+    assert (await fresh.observe(row)).alive
+    await fresh.stop(row)
+    assert [q["path"] for q in fake.requests if q["path"].endswith("/stop")] == [
+        f"/processes/v3/apps/{proc.app_id}/processes/{proc.process_id}/stop"]
+    await fresh.aclose()
+
+
+async def test_a_replica_stopped_while_its_room_is_being_created_leaves_nothing(tmp_path, fake):
+    prov = HathoraProvider(HathoraClient(fake.token, fake.url), tmp_path / "home", "k", build_poll_s=0.01)
+    s = DeploymentSpec(name="hat", provider="hathora", region="Dubai")
+    row = await prov.start(s, "hat-abc123", 1)
+    await prov.stop(row)  # scaled down before the build finished
+    assert (await prov.observe(row)).alive  # still being created
+    await prov._replicas[row.id].task
+    (room,) = fake.rooms.values()
+    assert room.status == "destroyed" and fake.processes[room.process_id].stop_requested
+    assert row.id not in prov._replicas
+    await prov.aclose()

@@ -134,7 +134,8 @@ def deploy(
     max_model_len: Annotated[int | None, typer.Option(help="Context window per request.")] = None,
     hf_token: Annotated[str | None, typer.Option(envvar="HF_TOKEN", show_envvar=False,
                                                  help="HF token for gated models (stored encrypted; env HF_TOKEN).")] = None,
-    provider: Annotated[str, typer.Option(help="Where replicas run: local | hathora | kubernetes.")] = "local",
+    provider: Annotated[str, typer.Option(
+        help="Where replicas run: local | hathora | kubernetes; modal (with --dry-run) prints a Modal app.")] = "local",
     region: Annotated[str | None, typer.Option(help="Hathora region (provider hathora), e.g. Seattle.")] = None,
     image: Annotated[str | None, typer.Option(help="Container image (cloud providers); default: fleetserve's.")] = None,
     cpu: Annotated[float | None, typer.Option(help="CPU cores per replica (cloud providers).")] = None,
@@ -145,8 +146,9 @@ def deploy(
     autoscaler: Annotated[str | None, typer.Option(
         help="Kubernetes autoscaler in the --dry-run manifests: none | hpa | keda.")] = None,
     dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Print the Kubernetes manifests (-o yaml or json) instead of deploying; no cluster "
-                          "or platform needed. Secrets are ${HF_TOKEN} / ${FLEETSERVE_API_KEY} placeholders.")] = False,
+        "--dry-run", help="Print instead of deploying (no cluster or platform needed): Kubernetes manifests "
+                          "(-o yaml or json; secrets are ${HF_TOKEN} / ${FLEETSERVE_API_KEY} placeholders) or, "
+                          "with --provider modal, a Modal app for `modal deploy`.")] = False,
     wait: Annotated[bool, typer.Option(help="Wait until the deployment is running.")] = False,
     url: URL_OPT = DEFAULT_URL, api_key: KEY_OPT = None,
     output: Annotated[str, typer.Option("--output", "-o", help="table | json; yaml with --dry-run")] = "table",
@@ -167,6 +169,14 @@ def deploy(
     if dry_run:
         _dry_run(spec, output)
         return
+    if provider == "modal":
+        err.print("[bold red]error:[/] Modal apps are generated, not run by the platform: add --dry-run and "
+                  "deploy the printed file with `modal deploy`")
+        raise typer.Exit(2)
+    if autoscaler not in (None, "none"):
+        err.print("[bold red]error:[/] --autoscaler is for --dry-run manifests; on the platform fleetserve's own "
+                  "autoscaler scales replicas between --min and --max")
+        raise typer.Exit(2)
     if hf_token:
         spec["hf_token"] = hf_token
     d = _call("POST", url, api_key, "/api/v1/deployments", json=spec)
@@ -182,15 +192,27 @@ def _dry_run(spec: dict, output: str) -> None:
     from fleetserve.control.providers.kubernetes import manifests, to_yaml
     from fleetserve.control.spec import DeploymentSpec
 
-    if spec["provider"] != "kubernetes":
-        err.print("[bold red]error:[/] --dry-run prints Kubernetes manifests: use it with --provider kubernetes")
+    if spec["provider"] not in ("kubernetes", "modal"):
+        err.print("[bold red]error:[/] --dry-run prints Kubernetes manifests or a Modal app: use it with "
+                  "--provider kubernetes or --provider modal")
         raise typer.Exit(2)
     try:
-        parsed = DeploymentSpec.model_validate(spec)
+        if spec["provider"] == "modal":
+            from fleetserve.control.providers.modal_app import ModalOptions, render_app
+
+            fields = {k: v for k, v in spec.items() if k not in ("provider", "device") and v is not None}
+            opts = ModalOptions.model_validate(fields)
+        else:
+            parsed = DeploymentSpec.model_validate(spec)
     except ValidationError as exc:
         for e in exc.errors():
             err.print(f"[bold red]error:[/] {'.'.join(str(x) for x in e['loc']) or 'spec'}: {e['msg']}")
         raise typer.Exit(2) from None
+    if spec["provider"] == "modal":
+        typer.echo(render_app(opts), nl=False)
+        err.print(f"create the secret first: modal secret create {opts.secret_name} HF_TOKEN=... "
+                  "FLEETSERVE_API_KEY=...  (each optional)", highlight=False, markup=False, soft_wrap=True)
+        return
     objects = manifests(parsed)
     if output == "json":
         typer.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))

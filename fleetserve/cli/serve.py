@@ -88,6 +88,10 @@ def serve(
         rich_help_panel=_ENGINE)] = None,
     block_size: Annotated[int | None, typer.Option(
         help="Tokens per KV cache block: 8, 16, 32, 64 or 128. \\[default: 16]", rich_help_panel=_ENGINE)] = None,
+    kv_cache_memory: Annotated[str | None, typer.Option(
+        help="KV cache pool size in memory, e.g. 2GiB or 512MiB (--kv-cache-tokens wins if both are given). "
+        "\\[default: 2 GiB or a fifth of free RAM on CPU, 85% of free GPU memory on CUDA]",
+        rich_help_panel=_ENGINE)] = None,
     prefix_caching: Annotated[bool | None, typer.Option(
         "--prefix-caching/--no-prefix-caching", help="Share the KV cache of common prompt prefixes between "
         "requests (a shared system prompt is computed once). \\[default: on]", rich_help_panel=_ENGINE,
@@ -146,7 +150,7 @@ def serve(
         "precision": precision, "device": device, "max_model_len": max_model_len,
         "max_batch_tokens": max_batch_tokens, "max_running_seqs": max_running_seqs,
         "kv_cache_tokens": kv_cache_tokens, "block_size": block_size, "max_queue_len": max_queue_len,
-        "enable_prefix_caching": prefix_caching,
+        "enable_prefix_caching": prefix_caching, "kv_cache_memory": kv_cache_memory,
         "host": host, "port": port, "log_level": log_level, "max_body_bytes": max_body_bytes,
         "drain_timeout_s": drain_timeout, "api_keys": api_key or None, "cors_origins": cors_origin or None,
         "metrics_auth": metrics_auth, "log_file": log_file, "max_batch_size": max_batch_size,

@@ -20,7 +20,8 @@ SCALE_UP_TOLERANCE = 0.1  # and up only when load exceeds the current fleet's ta
 
 
 class AutoscalePolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no NaN/Infinity: JSON cannot store them, so a spec holding one could not be read back from the store
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     target_concurrency: float = Field(4.0, gt=0, description="in-flight requests per replica to aim for")
     target_queue_depth: float = Field(4.0, gt=0, description="waiting requests per replica before adding one")

@@ -19,6 +19,7 @@ from fleetserve.control import api
 from fleetserve.control.autoscaler import Autoscaler
 from fleetserve.control.metrics import MetricsCollector
 from fleetserve.control.providers.hathora import HathoraProvider
+from fleetserve.control.providers.kubernetes import KubernetesProvider
 from fleetserve.control.providers.local import LocalProvider
 from fleetserve.control.providers.router import ProviderRouter
 from fleetserve.control.reconciler import Reconciler
@@ -50,6 +51,7 @@ class Platform:
         self.provider = ProviderRouter(self.store, {
             "local": lambda: LocalProvider(home, internal_key=internal_key),
             "hathora": lambda: HathoraProvider.from_env(home, internal_key=internal_key),
+            "kubernetes": lambda: KubernetesProvider(internal_key=internal_key),
             **(providers or {}),
         })
         self.gateway = Gateway(internal_key=internal_key, holdable=self._holdable, on_demand=self._on_demand)

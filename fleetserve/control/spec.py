@@ -74,7 +74,8 @@ class KubernetesOptions(BaseModel):
 
 
 class DeploymentSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no NaN/Infinity: JSON cannot store them, so a spec holding one could not be read back from the store
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(description="DNS label: lowercase letters, digits and '-', at most 63 characters")
     model: str = Field("default", min_length=1, description="'default', a Hugging Face Hub id, or a local path")

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 
 from fleetserve.planner.hardware import Hardware, HardwareError, detect_hardware, synthetic_hardware
 from fleetserve.planner.model_info import ModelInfoError, load_model_info
-from fleetserve.planner.plan import make_plan
+from fleetserve.planner.plan import check_hardware, make_plan
 from fleetserve.planner.types import Plan, PlanError, PlanSpec
 
 
@@ -30,6 +30,7 @@ def hardware_for(spec: PlanSpec, detect: Callable[[], Hardware] = detect_hardwar
 def build_plan(spec: PlanSpec, sources: Mapping[str, str] | None = None, hf_token: str | None = None, *,
                detect: Callable[[], Hardware] = detect_hardware, download: bool = True) -> Plan:
     hw = hardware_for(spec, detect)
+    check_hardware(spec, hw, sources)  # before reading (perhaps downloading) the model's config
     try:
         info = load_model_info(spec.model, revision=spec.revision, hf_token=hf_token, download=download)
     except ModelInfoError as exc:

@@ -131,9 +131,7 @@ def make_plan(spec: PlanSpec, hardware: Hardware, model_info: ModelInfo,
                f"({hw.source})" + (f", interconnect {hw.interconnect}" if hw.interconnect else ""))
     ctx.warnings += [n for n in hw.notes if "not detected" not in n]
     _guard(ctx)
-    if spec.backend in ("sglang", "vllm") and hw.cpu_only:
-        raise PlanError(f"the {spec.backend} backend needs NVIDIA GPUs and this machine has {hw.describe()}; "
-                        "use --backend native, or plan for another machine with --gpu-type TYPE --gpus N")
+    check_hardware(spec, hw)
     if len(hw.families) > 1:
         ctx.warnings.append(f"mixed GPUs ({hw.describe()}): planning with the smallest memory "
                             f"({hw.min_memory_mib / 1024:.0f} GiB) for every GPU")
@@ -151,6 +149,15 @@ def make_plan(spec: PlanSpec, hardware: Hardware, model_info: ModelInfo,
 
 
 # ---------------------------------------------------------------- guard, precision, settings
+
+
+def check_hardware(spec: PlanSpec, hw: Hardware, sources: Mapping[str, str] | None = None) -> None:
+    """The checks that need no model: the H100 guard and GPUs for the GPU backends (run before any download)."""
+    if spec.h100_only and not hw.all_h100:
+        _guard(_Ctx(spec, hw, None, sources or {}, [], []))  # type: ignore[arg-type]
+    if spec.backend in ("sglang", "vllm") and hw.cpu_only:
+        raise PlanError(f"the {spec.backend} backend needs NVIDIA GPUs and this machine has {hw.describe()}; "
+                        "use --backend native, or plan for another machine with --gpu-type TYPE --gpus N")
 
 
 def _guard(ctx: _Ctx) -> None:
@@ -556,7 +563,7 @@ def _native_plan(ctx: _Ctx, s: EngineSettings) -> Plan:
     argv += ["--log-level", s.log_level]
     env = {} if hw.cpu_only else {"CUDA_VISIBLE_DEVICES": "0"}
     proc = Process("worker", "unified", [] if hw.cpu_only else [0], 1, spec.port, argv, env,
-                   host="127.0.0.1" if spec.host in ("0.0.0.0", "::") else spec.host)
+                   host="127.0.0.1" if spec.host in ("0.0.0.0", "::") else spec.host, ready_path="/readyz")
     for field in ("schedule_conservativeness", "mem_fraction_static"):
         if getattr(spec, field) is not None:
             ctx.warnings.append(f"{field} is an SGLang setting; the native engine does not use it")

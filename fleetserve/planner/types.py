@@ -124,6 +124,7 @@ class Process:
     env: dict[str, str] = field(default_factory=dict)
     bootstrap_port: int | None = None
     host: str = "127.0.0.1"
+    ready_path: str = "/health"  # GET answers 200 once the process serves (SGLang, its router, vLLM)
 
     @property
     def url(self) -> str:
@@ -139,7 +140,14 @@ class Process:
         return {"name": self.name, "role": self.role, "gpus": self.gpus,
                 "cuda_visible_devices": self.env.get("CUDA_VISIBLE_DEVICES"), "tp_size": self.tp_size,
                 "host": self.host, "port": self.port, "url": self.url, "bootstrap_port": self.bootstrap_port,
-                "argv": self.argv, "env": self.env, "command": self.command}
+                "argv": self.argv, "env": self.env, "command": self.command, "ready_path": self.ready_path}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Process:
+        return cls(name=d["name"], role=d["role"], gpus=list(d.get("gpus") or []), tp_size=d.get("tp_size"),
+                   port=int(d["port"]), argv=list(d["argv"]), env=dict(d.get("env") or {}),
+                   bootstrap_port=d.get("bootstrap_port"), host=d.get("host", "127.0.0.1"),
+                   ready_path=d.get("ready_path", "/health"))
 
 
 @dataclass

@@ -18,7 +18,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from fleetserve.server.errors import APIError
+from fleetserve.server.errors import APIError, require_valid_unicode
 from fleetserve.server.state import get_state
 
 DRAIN_RETRY_AFTER_S = 5
@@ -75,4 +75,4 @@ async def require_accepting(request: Request) -> None:
 
 
 # What every inference router (/v1, /generate, /loglikelihood, /tokenize, /detokenize) should include.
-INFERENCE_DEPENDENCIES = [Depends(require_api_key), Depends(require_accepting)]
+INFERENCE_DEPENDENCIES = [Depends(require_api_key), Depends(require_accepting), Depends(require_valid_unicode)]

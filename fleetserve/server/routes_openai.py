@@ -59,6 +59,10 @@ def _check_sampling(req: SamplingFields, engine, tok) -> None:
     if bad is not None:
         raise APIError(400, f"logit_bias: token id {bad} is out of range; this model's vocabulary has {vocab} "
                             f"tokens (ids 0..{vocab - 1})", "logit_bias")
+    bad = next((i for i in req.stop_token_ids or () if not 0 <= i < vocab), None)
+    if bad is not None:  # would index outside the logits row (min_tokens bans stop ids) and fail the engine step
+        raise APIError(400, f"stop_token_ids: token id {bad} is out of range; this model's vocabulary has {vocab} "
+                            f"tokens (ids 0..{vocab - 1})", "stop_token_ids")
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs and not req.logprobs:
         raise APIError(400, f"top_logprobs ({req.top_logprobs}) requires logprobs to be true", "top_logprobs")
     if isinstance(req, CompletionRequest) and req.max_tokens == 0 and not req.echo:

@@ -88,7 +88,9 @@ class _Replica:
     room: RoomConnection | None = None
     process_id: str | None = None
     stop_requested: bool = False
+    drain_sent: bool = False  # the process was asked to stop (Hathora SIGTERMs it; the worker drains)
     stopped_seen: bool = False
+    destroyed: bool = False
 
 
 @dataclass
@@ -156,11 +158,11 @@ class HathoraProvider:
             return self.app_id
 
     def plan(self, spec: DeploymentSpec) -> _Plan:
-        image = getattr(spec, "image", None) or default_image(spec.backend)
+        image = spec.image or default_image(spec.backend, gpu=spec.gpu is not None)
         env = worker_env(spec, self.internal_key)
-        cpu = getattr(spec, "cpu", None) or DEFAULT_CPU
-        memory = getattr(spec, "memory_mb", None) or DEFAULT_MEMORY_MB
-        gpu = getattr(spec, "gpu", None)
+        cpu = spec.cpu or DEFAULT_CPU
+        memory = spec.memory_mb or DEFAULT_MEMORY_MB
+        gpu = spec.gpu
         public = {"image": image, "cpu": cpu, "memory_mb": memory, "gpu": getattr(gpu, "count", None),
                   "env": {e.name: e.value for e in env if e.name not in SECRET_ENV}}
         tag = f"fleetserve/{spec.name}/{_digest(public)}"
@@ -220,7 +222,7 @@ class HathoraProvider:
     # ---- the Provider protocol
 
     async def start(self, spec: DeploymentSpec, replica_id: str, generation: int) -> ReplicaRow:
-        region = getattr(spec, "region", None)
+        region = spec.region
         if region not in REGIONS:
             raise ValueError(f"Hathora region {region!r} is not one of {', '.join(REGIONS)}")
         st = self._replicas[replica_id] = _Replica()
@@ -234,8 +236,9 @@ class HathoraProvider:
             st.room = await self.client.create_room(app_id, region, deployment_id, room_id=replica_id)
             st.process_id = st.room.process_id
             log.info("Hathora room %s in %s (process %s)", replica_id, region, st.process_id)
-            if st.stop_requested:  # scaled down while it was being created
+            if st.stop_requested:  # scaled down or deleted while it was being created
                 await self._stop_room(replica_id, st, force=True)
+                self._replicas.pop(replica_id, None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # surfaces through observe() as a failed start with this reason
@@ -256,6 +259,8 @@ class HathoraProvider:
             return Liveness(True)
         if st.error is not None:
             return Liveness(False, None, st.error)
+        if st.process_id and r.log_path != f"{LOCATOR}{st.process_id}":
+            r.log_path = f"{LOCATOR}{st.process_id}"  # persisted by the router: a restarted control plane finds it
         app_id = self.app_id
         try:
             if app_id is None:
@@ -324,10 +329,12 @@ class HathoraProvider:
         if self.app_id is None:
             return
         try:
-            if st.process_id and not st.stopped_seen and not (force and st.stop_requested):
+            if st.process_id and not st.stopped_seen and not st.drain_sent:
                 await self._ignore_missing(self.client.stop_process(self.app_id, st.process_id))
-            if force or not st.process_id:
+                st.drain_sent = True
+            if (force or not st.process_id) and not st.destroyed:
                 await self._ignore_missing(self.client.destroy_room(self.app_id, room_id))
+                st.destroyed = True
             st.stop_requested = True
         except HathoraError as exc:
             log.warning("stopping Hathora replica %s failed: %s", room_id, exc)
@@ -340,9 +347,13 @@ class HathoraProvider:
             pass
 
     async def release(self, r: ReplicaRow) -> None:
+        """The replica is gone for the platform: its room must not outlive it (e.g. after its process failed)."""
         st = self._replicas.get(r.id)
-        if st is not None and (st.task is None or st.task.done()):
-            self._replicas.pop(r.id, None)
+        if st is None or (st.task is not None and not st.task.done()):
+            return  # a creation still under way destroys its room itself (stop_requested)
+        if st.error is None and not st.destroyed:
+            await self._stop_room(r.id, st, force=True)
+        self._replicas.pop(r.id, None)
 
     async def logs(self, r: ReplicaRow, tail: int) -> list[str]:
         st = self._state(r)

@@ -103,7 +103,7 @@ def deployment_manifest(spec: DeploymentSpec, name: str | None = None, replicas:
     memory = f"{spec.memory_mb or DEFAULT_MEMORY_MB}Mi"
     requests: dict[str, str] = {"cpu": _cpu(cpu), "memory": memory}
     limits: dict[str, str] = {"memory": memory}
-    gpu = getattr(spec, "gpu", None)
+    gpu = spec.gpu
     gpus = getattr(gpu, "count", 0) or 0
     if gpus:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(gpus)
@@ -111,7 +111,7 @@ def deployment_manifest(spec: DeploymentSpec, name: str | None = None, replicas:
              else {"emptyDir": {}})
     container = {
         "name": CONTAINER,
-        "image": spec.image or default_image(spec.backend),
+        "image": spec.image or default_image(spec.backend, gpu=bool(gpus)),
         "imagePullPolicy": "IfNotPresent",
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": worker_env(spec, object_name(spec)),
@@ -228,7 +228,11 @@ class KubernetesProvider:
     name = "kubernetes"
 
     def __init__(self, api_client=None, internal_key: str | None = None):
-        from kubernetes import client
+        try:
+            from kubernetes import client
+        except ImportError:
+            raise RuntimeError("the kubernetes provider needs the `kubernetes` package: "
+                               "pip install 'fleetserve[kubernetes]'") from None
 
         self.api = api_client or self._load_api_client()
         self.core = client.CoreV1Api(self.api)
@@ -243,7 +247,11 @@ class KubernetesProvider:
         try:
             config.load_incluster_config()
         except config.ConfigException:
-            config.load_kube_config()  # raises with a clear message when there is no kubeconfig
+            try:
+                config.load_kube_config()
+            except (config.ConfigException, OSError) as exc:
+                raise RuntimeError(f"no Kubernetes cluster configured (neither in-cluster nor a kubeconfig): {exc}") \
+                    from None
         return client.ApiClient()
 
     async def aclose(self) -> None:
@@ -363,6 +371,16 @@ class KubernetesProvider:
                     log.warning("deleting pods of %s failed: %s", r.id, exc.reason)
 
     async def release(self, r: ReplicaRow) -> None:
+        """The replica is gone for the platform (crashed, failed, drained): make sure nothing of it stays."""
+        from kubernetes.client.exceptions import ApiException
+
+        ns, name = self._where(r)
+        try:
+            await self._call(self.apps.read_namespaced_deployment, name, ns)
+        except ApiException:
+            pass  # already deleted (the usual case after a drain)
+        else:
+            await self.stop(r, force=True)
         self._namespace.pop(r.id, None)
 
     async def logs(self, r: ReplicaRow, tail: int) -> list[str]:

@@ -60,7 +60,11 @@ class ProviderRouter:
     async def observe(self, r: ReplicaRow) -> Liveness:
         if r.id in self._failed:
             return Liveness(False, None, self._failed[r.id])
-        return await self._for(r).observe(r)
+        where = r.log_path
+        live = await self._for(r).observe(r)
+        if r.log_path != where and live.alive:  # the provider learnt where the replica lives: keep it
+            self.store.put_replica(r)
+        return live
 
     async def ready(self, r: ReplicaRow, client: httpx.AsyncClient) -> bool:
         if r.id in self._failed:

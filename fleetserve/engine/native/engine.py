@@ -53,6 +53,7 @@ class EngineConfig:
     block_size: int = 16
     max_queue_len: int = 256
     enable_prefix_caching: bool = True
+    kv_cache_memory: int | None = None  # bytes; used when kv_cache_tokens is not given
 
 
 class NativeEngine:
@@ -97,6 +98,11 @@ class NativeEngine:
             if tokens < self.max_model_len:
                 raise ValueError(f"kv_cache_tokens ({tokens}) must be at least max_model_len "
                                  f"({self.max_model_len}) so one full-length request fits")
+        elif self.cfg.kv_cache_memory is not None:
+            tokens = self.cfg.kv_cache_memory // per_block * bs
+            if tokens < self.max_model_len:
+                raise ValueError(f"kv_cache_memory ({self.cfg.kv_cache_memory} bytes) holds {tokens} tokens; "
+                                 f"max_model_len ({self.max_model_len}) needs at least {self.max_model_len}")
         else:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)

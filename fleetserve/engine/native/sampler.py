@@ -89,12 +89,16 @@ def _choose(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     sub = logits[rows]
     sps = [seqs[i].sampling for i in rows]
     dev = logits.device
-    temps = torch.tensor([sp.temperature for sp in sps], device=dev)
-    sub = sub / temps[:, None]
+    temps = torch.tensor([sp.temperature for sp in sps], device=dev).clamp_min(torch.finfo(torch.float32).tiny)
+    # A tiny temperature or repetition penalty must not overflow logits into inf - inf = NaN in the softmax
+    # (that fails the whole step, i.e. every request in the batch): penalised logits are kept finite, and each
+    # row is shifted by its max before the division (softmax is shift-invariant, so nothing else changes).
+    sub = sub.nan_to_num(nan=float("-inf"), posinf=torch.finfo(sub.dtype).max, neginf=float("-inf"))
+    sub = (sub - sub.amax(dim=-1, keepdim=True)) / temps[:, None]
     sorted_logits, sorted_idx = sub.sort(dim=-1, descending=True)
     vocab = sub.shape[-1]
     ranks = torch.arange(vocab, device=dev)[None, :]
-    top_k = torch.tensor([sp.top_k if sp.top_k > 0 else vocab for sp in sps], device=dev)
+    top_k = torch.tensor([min(sp.top_k, vocab) if sp.top_k > 0 else vocab for sp in sps], device=dev)
     mask = ranks >= top_k[:, None]
     sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)

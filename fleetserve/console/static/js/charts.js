@@ -13,7 +13,11 @@ export const CHARTS = [
     id: "queue", title: "Queue depth and running", digits: 0,
     series: [{ key: "queue_depth", label: "waiting" }, { key: "running", label: "running" }],
   },
-  { id: "replicas", title: "Ready replicas", series: [{ key: "replicas", label: "replicas" }], digits: 0 },
+  {
+    id: "replicas", title: "Replicas and load", digits: 0,
+    series: [{ key: "replicas", label: "ready" }, { key: "desired_replicas", label: "desired" },
+      { key: "in_flight", label: "in flight" }],
+  },
   {
     id: "kv", title: "KV cache usage (%)", digits: 1,
     series: [{ key: "kv_usage", label: "KV usage", scale: 100 }], max: 100,
