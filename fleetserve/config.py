@@ -4,8 +4,12 @@ Values are merged from plain dicts, lowest precedence first, and validated once 
 by hand (rather than pydantic-settings' sources) keeps provenance exact: every field knows the one
 source that set it, so an error can name it and `--print-config` can show it.
 
-Precedence, highest first: CLI > ``FLEETSERVE_<FIELD>`` > seed env names (``PORT``, ``MODEL_PATH``, ...)
-> ``HATHORA_DEFAULT_PORT`` (port only) > ``DEPLOYMENT_CONFIG_JSON`` > YAML file > defaults.
+Precedence, highest first: CLI > ``FLEETSERVE_<FIELD>`` > seed env names (``PORT``, ``MODEL_PATH``, ``TP_SIZE``,
+...) > ``HATHORA_DEFAULT_PORT`` (port only) > ``DEPLOYMENT_CONFIG_JSON`` > YAML file > defaults.
+
+`backend` picks the engine: ``native`` (fleetserve's own) or ``sglang`` / ``vllm`` (launched from a plan, see
+`fleetserve.planner.serve`). Settings only one side can honour are rejected, with the reason, when the other
+side is chosen (`check_backend`), rather than ignored.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ ENV_ONLY = {
     "hathora_hostname": "HATHORA_HOSTNAME",
 }
 
-# Seed env names (seeds 001/002/003) -> fleetserve field.
+# Seed env names (seeds 000-003) -> fleetserve field.
 SEED_ENV = {
     "MODEL_PATH": "model",
     "PORT": "port",
@@ -39,6 +43,20 @@ SEED_ENV = {
     "MAX_TOTAL_TOKENS": "kv_cache_tokens",  # SGLang's meaning: KV pool size in tokens
     "HF_TOKEN": "hf_token",
     "HOST": "host",
+    # GPU planning (seeds 001/002): read by the sglang / vllm backends
+    "TP_SIZE": "tp_size",
+    "H100_ONLY": "h100_only",
+    "ENABLE_PD_DEFAULTS": "pd",  # true = auto (seed 002's conditions decide), false = off
+    "DISAGG_BOOTSTRAP_PORT": "pd_bootstrap_port",
+    "DISAGG_IB_DEVICE": "pd_ib_device",
+    "DISAGG_TRANSFER_BACKEND": "pd_transfer_backend",
+    "SPECULATIVE_ALGORITHM": "speculative",
+    "SPECULATIVE_NUM_STEPS": "speculative_num_steps",
+    "SPECULATIVE_EAGLE_TOPK": "speculative_eagle_topk",
+    "SPECULATIVE_NUM_DRAFT_TOKENS": "speculative_num_draft_tokens",
+    "SPECULATIVE_TOKEN_MAP": "speculative_token_map",
+    "SPECULATIVE_ATTENTION_MODE": "speculative_attention_mode",
+    "SPECULATIVE_DRAFT_MODEL_PATH": "speculative_draft_model_path",
 }
 
 # Extra FLEETSERVE_* names (beside FLEETSERVE_<FIELD>), applied after the generic ones.
@@ -55,19 +73,53 @@ SEED_JSON_KEYS = {
     "max_queued_requests": "max_queue_len",
 }
 
-# Keys that belong to later features: rejected loudly rather than silently ignored.
-NOT_SUPPORTED_YET = frozenset({
-    "tp_size", "quantization", "kv_cache_dtype", "mem_fraction_static", "schedule_conservativeness",
-    "enable_metrics", "enable_p2p_check", "enable_torch_compile", "h100_only", "auto_use_fp8_on_h100",
-    "speculative", "pd", "gpu", "backend", "replicas", "autoscale", "region", "image",
-})
+# Deployment-spec keys a single worker cannot honour: rejected loudly rather than silently ignored.
+NOT_SUPPORTED_YET = {
+    "gpu": "`fleetserve serve` uses the GPUs it finds (limit them with CUDA_VISIBLE_DEVICES); `gpu` describes "
+           "another machine to `fleetserve plan --gpu-type`",
+    "replicas": "replicas belong to a deployment (`fleetserve deploy`), not to one worker",
+    "autoscale": "autoscaling belongs to a deployment (`fleetserve deploy`), not to one worker",
+    "region": "regions belong to a deployment (`fleetserve deploy --provider hathora --region`)",
+    "image": "images belong to a deployment (`fleetserve deploy --image`)",
+}
+
+# Files may use the deployment spec's nested objects for these (DESIGN.md "Names").
+NESTED = {
+    "speculative": {"algorithm": "speculative", "num_steps": "speculative_num_steps",
+                    "eagle_topk": "speculative_eagle_topk", "num_draft_tokens": "speculative_num_draft_tokens",
+                    "token_map": "speculative_token_map", "attention_mode": "speculative_attention_mode",
+                    "draft_model_path": "speculative_draft_model_path"},
+    "pd": {"enabled": "pd", "bootstrap_port": "pd_bootstrap_port", "ib_device": "pd_ib_device",
+           "transfer_backend": "pd_transfer_backend"},
+}
+
+REMOTE_BACKENDS = ("sglang", "vllm")
+# Settings of the sglang / vllm engines (read by the planner) and the values the native engine honours
+# trivially; any other value with the native backend is rejected.
+GPU_FIELDS: dict[str, tuple[Any, ...]] = {
+    "tp_size": (None, 1), "quantization": (None,), "kv_cache_dtype": (None, "auto"), "mem_fraction_static": (None,),
+    "schedule_conservativeness": (None,), "enable_metrics": (True,), "enable_p2p_check": (False,),
+    "enable_torch_compile": (False,), "h100_only": (False,), "auto_use_fp8_on_h100": (True, False),
+    "pd": ("auto", "off"), "pd_bootstrap_port": (None,), "pd_ib_device": (None,), "pd_transfer_backend": (None,),
+    "speculative": ("none",), "speculative_num_steps": (None,), "speculative_eagle_topk": (None,),
+    "speculative_num_draft_tokens": (None,), "speculative_token_map": (None,), "speculative_attention_mode": (None,),
+    "speculative_draft_model_path": (None,), "engine_port": (None,),
+}
+# Settings of the native engine and its batch API (which the sglang / vllm front does not serve) and the
+# values a remote backend honours; any other value set explicitly with sglang / vllm is rejected.
+NATIVE_FIELDS: dict[str, tuple[Any, ...]] = {
+    "device": ("auto", "cuda"), "max_batch_tokens": (), "max_running_seqs": (), "block_size": (),
+    "kv_cache_memory": (), "enable_prefix_caching": (True,), "max_batch_size": (), "max_new_tokens": (),
+    "max_request_tokens": (),
+}
 
 # What each field accepts, for error messages.
 ALLOWED = {
     "model": "'default', a local path (.gguf file or HF directory) or a Hub id org/name",
     "revision": "a branch, tag or commit of the Hub repo",
     "served_model_name": "a non-empty name",
-    "precision": "one of auto, fp32, bf16, fp16",
+    "backend": "one of native, sglang, vllm",
+    "precision": "one of auto, fp32, bf16, fp16 (fp8 with the sglang and vllm backends)",
     "device": "one of auto, cpu, cuda, mps",
     "max_model_len": "a positive integer (tokens)",
     "max_batch_tokens": "a positive integer (tokens per engine step)",
@@ -92,13 +144,38 @@ ALLOWED = {
     "metrics_auth": "true or false",
     "log_file": "a file path (its directory is created if missing)",
     "drain_timeout_s": "a number of seconds >= 0",
+    "tp_size": "an integer from 1 to 64 (GPUs per engine)",
+    "quantization": "an engine quantization method (fp8, awq, gptq, ...)",
+    "kv_cache_dtype": "a KV cache dtype (auto, fp8_e5m2, fp8_e4m3, bf16, ...)",
+    "mem_fraction_static": "a fraction between 0 and 1 (of each GPU's memory for weights + KV cache)",
+    "schedule_conservativeness": "a positive number (SGLang)",
+    "enable_metrics": "true or false",
+    "enable_p2p_check": "true or false",
+    "enable_torch_compile": "true or false",
+    "h100_only": "true or false",
+    "auto_use_fp8_on_h100": "true or false",
+    "pd": "one of auto, on, off",
+    "pd_bootstrap_port": "an integer from 1 to 65535",
+    "pd_ib_device": "RDMA device names, e.g. mlx5_0,mlx5_1",
+    "pd_transfer_backend": "an SGLang disaggregation transfer backend (mooncake, nixl, ...)",
+    "speculative": "one of none, eagle, eagle3, ngram",
+    "speculative_num_steps": "a positive integer",
+    "speculative_eagle_topk": "a positive integer",
+    "speculative_num_draft_tokens": "a positive integer",
+    "speculative_token_map": "a path or Hub file of the EAGLE token map",
+    "speculative_attention_mode": "one of prefill, decode",
+    "speculative_draft_model_path": "the draft model (Hub id or local path)",
+    "engine_port": "an integer from 1 to 65000 (first port of the engine processes)",
     "hathora_region": "a string (set by Hathora)",
     "hathora_process_id": "a string (set by Hathora)",
     "hathora_hostname": "a string (set by Hathora)",
 }
 
-_PRECISION_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+_PRECISION_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
+                      "float8": "fp8"}
 _LOG_LEVEL_ALIASES = {"warn": "warning"}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
@@ -131,7 +208,9 @@ class ServeConfig(BaseModel):
     model: str = Field("default", min_length=1)
     revision: str | None = None
     served_model_name: str | None = Field(None, min_length=1)  # None: the model's name, at load
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    backend: Literal["native", "sglang", "vllm"] = "native"
+    # auto: fp32 on CPU, bf16 on CUDA (native); FP8 on H100/H200, else bf16 (sglang, vllm: see the planner)
+    precision: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = "auto"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     max_model_len: int | None = Field(None, ge=1)  # None: the model's context length
     max_batch_tokens: int = Field(2048, ge=1)
@@ -154,6 +233,29 @@ class ServeConfig(BaseModel):
     metrics_auth: bool = False  # True: /metrics requires a key too (when keys are configured)
     log_file: Path | None = None  # None: $FLEETSERVE_HOME/logs/worker-<port>.log
     drain_timeout_s: float = Field(30.0, ge=0)
+    # The sglang / vllm backends (fleetserve.planner reads them; PlanSpec has the same names and meanings)
+    tp_size: int | None = Field(None, ge=1, le=64)  # None: the largest the model and GPUs allow
+    quantization: str | None = None
+    kv_cache_dtype: str | None = None
+    mem_fraction_static: float | None = Field(None, gt=0, lt=1)
+    schedule_conservativeness: float | None = Field(None, gt=0)
+    enable_metrics: bool = True
+    enable_p2p_check: bool = False
+    enable_torch_compile: bool = False
+    h100_only: bool = False
+    auto_use_fp8_on_h100: bool = True
+    pd: Literal["auto", "on", "off"] = "auto"
+    pd_bootstrap_port: int | None = Field(None, ge=1, le=65535)  # None: 8998
+    pd_ib_device: str | None = None
+    pd_transfer_backend: str | None = None
+    speculative: Literal["none", "eagle", "eagle3", "ngram"] = "none"
+    speculative_num_steps: int | None = Field(None, ge=1)
+    speculative_eagle_topk: int | None = Field(None, ge=1)
+    speculative_num_draft_tokens: int | None = Field(None, ge=1)
+    speculative_token_map: str | None = None
+    speculative_attention_mode: Literal["prefill", "decode"] | None = None
+    speculative_draft_model_path: str | None = None
+    engine_port: int | None = Field(None, ge=1, le=65000)  # None: 30000
     hathora_region: str | None = None
     hathora_process_id: str | None = None
     hathora_hostname: str | None = None
@@ -163,9 +265,12 @@ class ServeConfig(BaseModel):
     def _size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
 
-    @field_validator("precision", "device", "log_level", mode="before")
+    @field_validator("precision", "device", "log_level", "backend", "pd", "speculative", "speculative_attention_mode",
+                     mode="before")
     @classmethod
     def _lower(cls, value: Any, info) -> Any:
+        if isinstance(value, bool) and info.field_name == "pd":
+            return "on" if value else "off"
         if not isinstance(value, str):
             return value
         value = value.strip().lower()
@@ -173,10 +278,23 @@ class ServeConfig(BaseModel):
             return _PRECISION_ALIASES.get(value, value)
         if info.field_name == "log_level":
             return _LOG_LEVEL_ALIASES.get(value, value)
+        if info.field_name == "pd":
+            return "on" if value in _TRUE else "off" if value in _FALSE else value
+        if info.field_name == "speculative":
+            return "none" if value in ("", "none", "null", "off", "false") else value
+        return value
+
+    @field_validator("quantization", "kv_cache_dtype", mode="before")
+    @classmethod
+    def _none_words(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return None if value in ("", "none", "null") else value
         return value
 
     @field_validator("max_model_len", "max_batch_tokens", "max_running_seqs", "kv_cache_tokens", "block_size",
-                     "max_queue_len", "port", "max_body_bytes", mode="before")
+                     "max_queue_len", "port", "max_body_bytes", "tp_size", "pd_bootstrap_port", "engine_port",
+                     "speculative_num_steps", "speculative_eagle_topk", "speculative_num_draft_tokens", mode="before")
     @classmethod
     def _no_bool(cls, value: Any) -> Any:
         if isinstance(value, bool):  # YAML `port: yes` must not become port 1
@@ -280,6 +398,8 @@ def load_serve_config(
         put({"port": port}, "env HATHORA_DEFAULT_PORT")
     for name, field in SEED_ENV.items():
         if (value := _env(env, name)) is not None:
+            if name == "ENABLE_PD_DEFAULTS":
+                value = _pd_defaults(value)
             put({field: value}, f"env {name}")
     for field in SETTABLE:
         name = f"FLEETSERVE_{field.upper()}"
@@ -297,7 +417,45 @@ def load_serve_config(
         cfg = ServeConfig.model_validate(values)
     except ValidationError as exc:
         raise _explain(exc, values, sources) from None
+    check_backend(cfg, sources)
     return cfg, sources
+
+
+def check_backend(cfg: ServeConfig, sources: Mapping[str, str] | None = None) -> None:
+    """Reject settings the chosen backend cannot honour (ConfigError naming the field, its source and why)."""
+    sources = sources or {}
+
+    def src(field: str) -> str:
+        return sources.get(field, "default" if field not in cfg.model_fields_set else "config")
+
+    if cfg.backend == "native":
+        if cfg.precision == "fp8":
+            raise ConfigError(f"precision 'fp8' (from {src('precision')}) needs --backend sglang or vllm; the "
+                              "native engine runs one of auto, fp32, bf16, fp16", "precision", src("precision"))
+        for field, honoured in GPU_FIELDS.items():
+            value = getattr(cfg, field)
+            if value not in honoured:
+                raise ConfigError(f"{field} {value!r} (from {src(field)}) is a setting of the sglang and vllm "
+                                  "backends; the native engine cannot honour it. Choose --backend sglang or vllm "
+                                  "(FLEETSERVE_BACKEND), or remove the setting", field, src(field))
+        return
+    for field, honoured in NATIVE_FIELDS.items():
+        value = getattr(cfg, field)
+        if field in cfg.model_fields_set and value not in honoured:
+            raise ConfigError(f"{field} {value!r} (from {src(field)}) is a setting of the native engine; the "
+                              f"{cfg.backend} backend cannot honour it"
+                              + (" (it runs on CUDA GPUs: use device auto or cuda)" if field == "device" else "")
+                              + ". Remove it, or use --backend native", field, src(field))
+
+
+def _pd_defaults(value: str) -> str:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return "auto"
+    if v in _FALSE:
+        return "off"
+    raise ConfigError(f"ENABLE_PD_DEFAULTS={value!r}: expected true (PD disaggregation when seed 002's conditions "
+                      "hold) or false (one engine)", "pd", "env ENABLE_PD_DEFAULTS")
 
 
 def _env(env: Mapping[str, str], name: str) -> str | None:
@@ -327,11 +485,11 @@ def _normalise_keys(data: Any, source: str, *, seed_keys: bool) -> dict[str, Any
                           None, source)
     out: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    for key, value in data.items():
-        key = str(key)
+    for key, value in _expand_nested(data, source).items():
         if key in NOT_SUPPORTED_YET:
-            raise ConfigError(f"field {key!r} (from {source}) is not supported yet by `fleetserve serve`; "
-                              "remove it (settings that cannot be honoured yet are rejected, not ignored)", key, source)
+            raise ConfigError(f"field {key!r} (from {source}) is not supported yet by `fleetserve serve`: "
+                              f"{NOT_SUPPORTED_YET[key]}; remove it (settings that cannot be honoured are rejected, "
+                              "not ignored)", key, source)
         if key in ENV_ONLY:
             raise ConfigError(f"field {key!r} (from {source}) is read from {ENV_ONLY[key]} only", key, source)
         if key in SEED_JSON_KEYS:
@@ -350,6 +508,22 @@ def _normalise_keys(data: Any, source: str, *, seed_keys: bool) -> dict[str, Any
                               field, source)
         out[field] = value
         origin[field] = key
+    return out
+
+
+def _expand_nested(data: dict, source: str) -> dict[str, Any]:
+    """`speculative: {algorithm, ...}` and `pd: {enabled, ...}` objects -> their flat fields."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key)
+        if key not in NESTED or not isinstance(value, dict):
+            out[key] = value
+            continue
+        for sub, sub_value in value.items():
+            if sub not in NESTED[key]:
+                raise ConfigError(f"unknown field {key}.{sub} (from {source}); allowed: "
+                                  + ", ".join(f"{key}.{s}" for s in NESTED[key]), key, source)
+            out[NESTED[key][sub]] = sub_value
     return out
 
 

@@ -21,14 +21,16 @@ from fleetserve.models import ModelFiles, ModelResolutionError
 
 TOKEN = "hf_abcdefghijklmnopqrstuvwxyz123456"
 _ENV_PREFIXES = ("FLEETSERVE_", "HATHORA_", "HF_")
-_ENV_NAMES = {"MODEL_PATH", "PORT", "LOG_LEVEL", "MAX_TOTAL_TOKENS", "HOST", "DEPLOYMENT_CONFIG_JSON"}
+_ENV_NAMES = {"MODEL_PATH", "PORT", "LOG_LEVEL", "MAX_TOTAL_TOKENS", "HOST", "DEPLOYMENT_CONFIG_JSON", "TP_SIZE",
+              "H100_ONLY", "ENABLE_PD_DEFAULTS"}
+_ENV_PREFIXES_SEED = ("SPECULATIVE_", "DISAGG_")
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
     """Nothing from the real environment leaks in; model caches point into tmp."""
     for name in list(os.environ):
-        if name in _ENV_NAMES or name.startswith(_ENV_PREFIXES):
+        if name in _ENV_NAMES or name.startswith(_ENV_PREFIXES + _ENV_PREFIXES_SEED):
             monkeypatch.delenv(name)
     monkeypatch.setenv("FLEETSERVE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
@@ -171,8 +173,13 @@ def test_hathora_env_binds_all_interfaces(runner):
         (["--port", "70000"], {}, ["port", "cli", "1 to 65535"]),
         (["--block-size", "24"], {}, ["block_size", "cli", "8, 16, 32, 64, 128"]),
         ([], {"PORT": "http"}, ["port", "env PORT", "1 to 65535"]),
+        ([], {"DEPLOYMENT_CONFIG_JSON": '{"model_id": "org/m", "replicas": 2}'},
+         ["replicas", "not supported yet", "DEPLOYMENT_CONFIG_JSON"]),
         ([], {"DEPLOYMENT_CONFIG_JSON": '{"model_id": "org/m", "tp_size": 2}'},
-         ["tp_size", "not supported yet", "DEPLOYMENT_CONFIG_JSON"]),
+         ["tp_size", "DEPLOYMENT_CONFIG_JSON", "sglang and vllm backends", "--backend"]),
+        (["--backend", "sglang", "--model", "org/m", "--max-batch-tokens", "64"], {},
+         ["max_batch_tokens", "cli", "native engine", "sglang backend"]),
+        (["--backend", "tgi"], {}, ["backend", "cli", "native, sglang, vllm"]),
         (["--dtype", "fp8"], {}, ["precision", "cli", "auto, fp32, bf16, fp16"]),
     ],
 )
@@ -253,9 +260,9 @@ def test_dry_run_cuda_requested_on_cpu_machine(runner, fake_model, free_port, no
 def test_serve_calls_run_server_with_the_resolved_config(runner, monkeypatch, free_port):
     import logging
 
-    seen = []
+    seen, seen_sources = [], []
     fake = types.ModuleType("fleetserve.server.app")
-    fake.run_server = seen.append
+    fake.run_server = lambda cfg, sources=None: (seen.append(cfg), seen_sources.append(sources))
     monkeypatch.setitem(sys.modules, "fleetserve.server.app", fake)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
@@ -267,7 +274,8 @@ def test_serve_calls_run_server_with_the_resolved_config(runner, monkeypatch, fr
         root.setLevel(level)
     assert result.exit_code == 0, result.output
     (cfg,) = seen
-    assert (cfg.port, cfg.model, cfg.log_level) == (free_port, "m", "warning")
+    assert (cfg.port, cfg.model, cfg.log_level, cfg.backend) == (free_port, "m", "warning", "native")
+    assert seen_sources[0]["log_level"] == "env LOG_LEVEL" and seen_sources[0]["port"] == "cli"
 
 
 # ------------------------------------------------------------------ models

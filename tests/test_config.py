@@ -15,6 +15,7 @@ from rich.console import Console
 from fleetserve import logs
 from fleetserve.config import (
     FIELDS,
+    GPU_FIELDS,
     ConfigError,
     ServeConfig,
     config_as_dict,
@@ -116,6 +117,51 @@ LADDERS = {
 }
 
 
+LADDERS.update({
+    "backend": [
+        ("cli", "vllm", "cli"),
+        ("env:FLEETSERVE_BACKEND", "SGLang", "env FLEETSERVE_BACKEND"),
+        ("json:backend", "vllm", "DEPLOYMENT_CONFIG_JSON"),
+        ("yaml:backend", "sglang", "yaml"),
+        (None, "native", "default"),
+    ],
+    "tp_size": [
+        ("cli", 8, "cli"),
+        ("env:FLEETSERVE_TP_SIZE", "4", "env FLEETSERVE_TP_SIZE"),
+        ("env:TP_SIZE", "2", "env TP_SIZE"),
+        ("json:tp_size", 3, "DEPLOYMENT_CONFIG_JSON"),
+        ("yaml:tp_size", 5, "yaml"),
+        (None, None, "default"),
+    ],
+    "quantization": [
+        ("cli", "awq", "cli"),
+        ("env:FLEETSERVE_QUANTIZATION", "GPTQ", "env FLEETSERVE_QUANTIZATION"),
+        ("json:quantization", "fp8", "DEPLOYMENT_CONFIG_JSON"),
+        ("yaml:quantization", "awq_marlin", "yaml"),
+        (None, None, "default"),
+    ],
+    "speculative": [
+        ("cli", "ngram", "cli"),
+        ("env:FLEETSERVE_SPECULATIVE", "eagle3", "env FLEETSERVE_SPECULATIVE"),
+        ("env:SPECULATIVE_ALGORITHM", "EAGLE", "env SPECULATIVE_ALGORITHM"),
+        ("json:speculative", "ngram", "DEPLOYMENT_CONFIG_JSON"),
+        ("yaml:speculative", "eagle3", "yaml"),
+        (None, "none", "default"),
+    ],
+    "pd": [
+        ("cli", "on", "cli"),
+        ("env:FLEETSERVE_PD", "off", "env FLEETSERVE_PD"),
+        ("env:ENABLE_PD_DEFAULTS", "false", "env ENABLE_PD_DEFAULTS"),
+        ("json:pd", "on", "DEPLOYMENT_CONFIG_JSON"),
+        ("yaml:pd", "off", "yaml"),
+        (None, "auto", "default"),
+    ],
+})
+# GPU-backend fields are rejected with the native engine: their ladders run with a GPU backend, set in the
+# environment below every layer they test (DEPLOYMENT_CONFIG_JSON's own `backend` is never part of them).
+GPU_LADDER_ENV = {"FLEETSERVE_BACKEND": "sglang"}
+
+
 def _build(field, layers, tmp_path):
     cli, env, doc, yml = {}, {}, {}, {}
     for layer, value, _ in layers:
@@ -144,8 +190,12 @@ def _normalise(field, value):
         return value.lower()
     if field == "precision" and value == "bfloat16":
         return "bf16"
-    if field in {"port", "kv_cache_tokens", "max_batch_tokens"} and value is not None:
+    if field in {"port", "kv_cache_tokens", "max_batch_tokens", "tp_size"} and value is not None:
         return int(value)
+    if field in {"backend", "quantization", "speculative"} and isinstance(value, str):
+        return value.lower()
+    if field == "pd" and value == "false":  # ENABLE_PD_DEFAULTS=false: no PD
+        return "off"
     return value
 
 
@@ -154,6 +204,8 @@ def test_each_level_beats_the_one_below(field, tmp_path):
     ladder = LADDERS[field]
     for i, (_, expected, expected_source) in enumerate(ladder):
         cli, env, path = _build(field, ladder[i:], tmp_path)
+        if field != "backend" and field in GPU_FIELDS:
+            env = {**GPU_LADDER_ENV, **env}
         cfg, sources = load_serve_config(cli, path, env=env)
         got = getattr(cfg, field)
         if field == "hf_token" and got is not None:
@@ -199,8 +251,8 @@ def test_empty_env_values_count_as_unset():
 def test_cli_none_values_are_ignored_and_unknown_keys_rejected():
     cfg, sources = load_serve_config({"port": None, "model": "m"}, env={"PORT": "9100"})
     assert (cfg.port, sources["port"], cfg.model) == (9100, "env PORT", "m")
-    with pytest.raises(ConfigError, match="unknown option 'tp_size'"):
-        load_serve_config({"tp_size": 2}, env={})
+    with pytest.raises(ConfigError, match="unknown option 'replicas'"):
+        load_serve_config({"replicas": 2}, env={})
 
 
 # ------------------------------------------------------------------ DEPLOYMENT_CONFIG_JSON and YAML
@@ -216,14 +268,28 @@ def test_deployment_json_seed_keys():
     assert {sources[f] for f in ("model", "precision", "kv_cache_tokens", "hf_token")} == {"DEPLOYMENT_CONFIG_JSON"}
 
 
-@pytest.mark.parametrize("key, value", [("tp_size", 2), ("quantization", "fp8"), ("kv_cache_dtype", "fp8_e5m2")])
-def test_deployment_json_rejects_later_features(key, value):
+@pytest.mark.parametrize("key, value", [("gpu", {"type": "H100", "count": 2}), ("replicas", {"min": 1, "max": 2}),
+                                        ("autoscale", {"target_concurrency": 4}), ("region", "Seattle"),
+                                        ("image", "ghcr.io/me/img:1")])
+def test_deployment_json_rejects_deployment_level_keys(key, value):
     env = {"DEPLOYMENT_CONFIG_JSON": json.dumps({"model_id": "org/m", key: value})}
     with pytest.raises(ConfigError) as info:
         load_serve_config({}, env=env)
     message = str(info.value)
     assert key in message and "not supported yet" in message and "DEPLOYMENT_CONFIG_JSON" in message
     assert info.value.field == key and info.value.source == "DEPLOYMENT_CONFIG_JSON"
+
+
+def test_deployment_json_gpu_keys_of_seed_000_are_accepted():
+    doc = {"model_id": "org/m", "tp_size": 2, "quantization": "FP8", "kv_cache_dtype": "fp8_e5m2",
+           "mem_fraction_static": 0.8, "schedule_conservativeness": 0.5, "enable_metrics": True,
+           "enable_p2p_check": True, "enable_torch_compile": False, "h100_only": True, "auto_use_fp8_on_h100": False,
+           "backend": "sglang"}
+    cfg, sources = load_serve_config({}, env={"DEPLOYMENT_CONFIG_JSON": json.dumps(doc)})
+    assert (cfg.backend, cfg.tp_size, cfg.quantization, cfg.kv_cache_dtype) == ("sglang", 2, "fp8", "fp8_e5m2")
+    assert (cfg.mem_fraction_static, cfg.schedule_conservativeness, cfg.enable_p2p_check, cfg.h100_only,
+            cfg.auto_use_fp8_on_h100) == (0.8, 0.5, True, True, False)
+    assert {sources[k] for k in doc if k != "model_id"} == {"DEPLOYMENT_CONFIG_JSON"}
 
 
 def test_deployment_json_errors_are_clear_and_never_echo_the_document():
@@ -244,12 +310,98 @@ def test_yaml_file_errors(yaml_file, tmp_path):
     with pytest.raises(ConfigError, match="use 'precision' instead"):
         load_serve_config({}, yaml_file({"dtype": "bf16"}), env={})
     with pytest.raises(ConfigError, match="not supported yet"):
-        load_serve_config({}, yaml_file({"tp_size": 2}), env={})
+        load_serve_config({}, yaml_file({"replicas": {"min": 1, "max": 2}}), env={})
+    with pytest.raises(ConfigError, match=r"unknown field speculative.depth .*speculative.num_steps"):
+        load_serve_config({}, yaml_file({"speculative": {"depth": 3}}), env={})
     with pytest.raises(ConfigError, match="mapping"):
         load_serve_config({}, yaml_file("- a\n- b\n"), env={})
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_serve_config({}, tmp_path / "missing.yaml", env={})
     assert load_serve_config({}, yaml_file(""), env={})[0] == ServeConfig()
+
+
+# ------------------------------------------------------------------ backends: what each can honour
+
+
+@pytest.mark.parametrize("cli, env, field, source", [
+    ({}, {"TP_SIZE": "2"}, "tp_size", "env TP_SIZE"),
+    ({}, {"DEPLOYMENT_CONFIG_JSON": '{"quantization": "fp8"}'}, "quantization", "DEPLOYMENT_CONFIG_JSON"),
+    ({"kv_cache_dtype": "fp8_e5m2"}, {}, "kv_cache_dtype", "cli"),
+    ({}, {"SPECULATIVE_ALGORITHM": "EAGLE"}, "speculative", "env SPECULATIVE_ALGORITHM"),
+    ({}, {"H100_ONLY": "true"}, "h100_only", "env H100_ONLY"),
+    ({"pd": "on"}, {}, "pd", "cli"),
+    ({}, {"FLEETSERVE_MEM_FRACTION_STATIC": "0.8"}, "mem_fraction_static", "env FLEETSERVE_MEM_FRACTION_STATIC"),
+    ({"engine_port": 31000}, {}, "engine_port", "cli"),
+])
+def test_native_backend_rejects_gpu_backend_settings(cli, env, field, source):
+    with pytest.raises(ConfigError) as info:
+        load_serve_config(cli, env=env)
+    message = str(info.value)
+    assert field in message and source in message and "sglang and vllm" in message and "--backend" in message
+    assert (info.value.field, info.value.source) == (field, source)
+    load_serve_config({**cli, "backend": "sglang"}, env=env)  # the same setting is fine with a GPU backend
+
+
+def test_native_backend_rejects_fp8_and_accepts_what_it_honours():
+    with pytest.raises(ConfigError, match="precision 'fp8' .*needs --backend sglang or vllm"):
+        load_serve_config({"precision": "float8"}, env={})
+    # seed 001's TP_SIZE=1, ENABLE_PD_DEFAULTS=false and kv_cache_dtype auto ask nothing of the native engine
+    cfg, _ = load_serve_config({}, env={"TP_SIZE": "1", "ENABLE_PD_DEFAULTS": "false", "FLEETSERVE_KV_CACHE_DTYPE": "auto"})
+    assert (cfg.backend, cfg.tp_size, cfg.pd, cfg.kv_cache_dtype) == ("native", 1, "off", "auto")
+    assert load_serve_config({"precision": "fp8", "backend": "vllm"}, env={})[0].precision == "fp8"
+
+
+@pytest.mark.parametrize("cli, yml, field, source", [
+    ({"max_batch_tokens": 512}, None, "max_batch_tokens", "cli"),
+    ({"device": "cpu"}, None, "device", "cli"),
+    ({}, {"block_size": 32}, "block_size", "yaml"),
+    ({}, {"enable_prefix_caching": False}, "enable_prefix_caching", "yaml"),
+    ({"kv_cache_memory": "2GiB"}, None, "kv_cache_memory", "cli"),
+    ({"max_new_tokens": 64}, None, "max_new_tokens", "cli"),
+])
+def test_gpu_backends_reject_native_engine_settings(cli, yml, field, source, yaml_file):
+    path = yaml_file(yml) if yml is not None else None
+    with pytest.raises(ConfigError) as info:
+        load_serve_config({**cli, "backend": "sglang", "model": "org/m"}, path, env={})
+    assert field in str(info.value) and "native engine" in str(info.value) and "sglang backend" in str(info.value)
+    assert info.value.field == field and info.value.source.startswith(source)
+
+
+def test_gpu_backends_accept_shared_settings():
+    cfg, sources = load_serve_config({"backend": "vllm", "model": "org/m", "device": "cuda", "max_queue_len": 9},
+                                     env={"MAX_TOTAL_TOKENS": "65536", "FLEETSERVE_API_KEY": "key-12345678",
+                                          "FLEETSERVE_CORS_ORIGINS": "https://a.example"})
+    assert (cfg.device, cfg.max_queue_len, cfg.kv_cache_tokens, sources["kv_cache_tokens"]) == \
+        ("cuda", 9, 65536, "env MAX_TOTAL_TOKENS")
+
+
+def test_nested_speculative_and_pd_objects_in_files(yaml_file):
+    doc = {"backend": "sglang", "speculative": {"algorithm": "EAGLE", "num_steps": 3, "draft_model_path": "org/d"},
+           "pd": {"enabled": False, "bootstrap_port": 9100, "ib_device": "mlx5_0"}}
+    cfg, sources = load_serve_config({}, yaml_file(doc), env={})
+    assert (cfg.speculative, cfg.speculative_num_steps, cfg.speculative_draft_model_path) == ("eagle", 3, "org/d")
+    assert (cfg.pd, cfg.pd_bootstrap_port, cfg.pd_ib_device) == ("off", 9100, "mlx5_0")
+    assert sources["speculative_num_steps"].startswith("yaml")
+    env = {"DEPLOYMENT_CONFIG_JSON": json.dumps({**doc, "pd": {"enabled": True}}), "DISAGG_BOOTSTRAP_PORT": "9200"}
+    cfg, sources = load_serve_config({}, env=env)
+    assert (cfg.pd, cfg.pd_bootstrap_port, sources["pd_bootstrap_port"]) == ("on", 9200, "env DISAGG_BOOTSTRAP_PORT")
+
+
+def test_enable_pd_defaults_values():
+    assert load_serve_config({"backend": "sglang"}, env={"ENABLE_PD_DEFAULTS": "TRUE"})[0].pd == "auto"
+    with pytest.raises(ConfigError, match="ENABLE_PD_DEFAULTS='sometimes': expected true"):
+        load_serve_config({"backend": "sglang"}, env={"ENABLE_PD_DEFAULTS": "sometimes"})
+
+
+def test_every_planner_seed_name_is_a_serve_seed_name():
+    """`fleetserve plan` and `fleetserve serve` read the same seed env names into the same settings."""
+    from fleetserve.config import SEED_ENV
+    from fleetserve.planner.serve import RENAMED
+    from fleetserve.planner.spec import SEED_ENV as PLAN_SEED_ENV
+
+    to_plan = {name: RENAMED.get(field, field) for name, field in SEED_ENV.items()}
+    for name, field in PLAN_SEED_ENV.items():
+        assert to_plan.get(name) == field, name
 
 
 # ------------------------------------------------------------------ validation messages

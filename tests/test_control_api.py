@@ -49,7 +49,12 @@ async def test_create_get_list_and_secret_never_returned(api):
     ({"name": "a" * 64}, "name"),
     ({"name": "ok", "replicas": {"min": 3, "max": 2}}, "replicas"),
     ({"name": "ok", "precision": "int3"}, "precision"),
-    ({"name": "ok", "backend": "sglang"}, "backend"),  # not available yet: rejected, not ignored
+    ({"name": "ok", "backend": "tgi"}, "backend"),
+    ({"name": "ok", "backend": "sglang"}, "backend"),  # the embedded GGUF model is the native engine's
+    ({"name": "ok", "model": "org/m", "backend": "sglang", "provider": "hathora", "region": "Seattle"}, "provider"),
+    ({"name": "ok", "model": "org/m", "backend": "vllm", "replicas": {"min": 1, "max": 2}}, "replicas"),
+    ({"name": "ok", "model": "org/m", "backend": "sglang", "device": "cpu"}, "device"),
+    ({"name": "ok", "model": "org/m", "backend": "sglang", "engine_args": {"max_batch_tokens": 64}}, "engine_args"),
     ({"name": "ok", "provider": "nomad"}, "provider"),
     ({"name": "ok", "provider": "hathora"}, "region"),  # region required there
     ({"name": "ok", "region": "Seattle"}, "region"),  # local provider: no region
@@ -155,3 +160,59 @@ async def test_model_that_fails_to_load_shows_failed_with_reason_and_backs_off(a
     gaps = [b["ts"] - a["ts"] for a, b in zip(failures, failures[1:])]
     assert gaps[1] >= gaps[0] and gaps[1] >= 3.5  # exponential backoff (2 s, 4 s, ...), no restart storm
     assert (await c.delete("/api/v1/deployments/broken")).status_code == 202
+
+
+async def test_gpu_backend_replicas_run_fleetserve_serve_with_the_backend(api):
+    c, p = api
+    r = await c.post("/api/v1/deployments", json=spec(name="gpu", model="org/m", backend="vllm",
+                                                       engine_args={"kv_cache_tokens": 65536}))
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["backend"] == "vllm"
+    bad = await c.patch("/api/v1/deployments/gpu", json={"replicas": {"max": 2}})
+    assert bad.status_code == 422 and "one replica per machine" in bad.text
+    from fleetserve.control.providers.local import LocalProvider
+
+    argv = LocalProvider(p.home).command(p.store.get("gpu").spec, 9999)
+    assert argv[argv.index("--backend") + 1] == "vllm" and "--kv-cache-tokens" in argv
+    assert 1 <= int(argv[argv.index("--engine-port") + 1]) <= 65000
+
+
+async def test_gpu_backend_without_gpus_fails_with_the_planners_message(api):
+    """A real replica (`fleetserve serve --backend sglang`) on a machine without GPUs exits 2 at once with the
+    planner's reason, which the reconciler shows once the starts have failed three times."""
+    from fleetserve.planner.hardware import detect_hardware
+
+    if detect_hardware().count:
+        pytest.skip("this machine has NVIDIA GPUs")
+    c, _ = api
+    r = await c.post("/api/v1/deployments", json={"name": "gpu", "model": "Qwen/Qwen2.5-7B-Instruct",
+                                                  "backend": "sglang"})
+    assert r.status_code == 201, r.text
+    deadline = time.time() + 120
+    while True:
+        d = (await c.get("/api/v1/deployments/gpu")).json()
+        if d["status"] == "failed":
+            break
+        assert time.time() < deadline, d
+        await asyncio.sleep(0.5)
+    assert "failed starts" in d["message"]
+    assert "the sglang backend needs NVIDIA GPUs and this machine has no GPU (CPU only)" in d["message"]
+    events = (await c.get("/api/v1/deployments/gpu/events")).json()["events"]
+    assert any(e["reason"] == "ReplicaFailed" and "needs NVIDIA GPUs" in e["message"] for e in events)
+    assert (await c.delete("/api/v1/deployments/gpu")).status_code == 202
+
+
+def test_deploy_cli_passes_the_backend(monkeypatch):
+    from typer.testing import CliRunner
+
+    import fleetserve.cli.platform as platform_cli
+    from fleetserve.cli import app
+
+    sent = []
+    monkeypatch.setattr(platform_cli, "_call", lambda method, url, key, path, json=None: sent.append(json) or {})
+    monkeypatch.setattr(platform_cli, "_emit", lambda *a, **k: None)
+    result = CliRunner().invoke(app, ["deploy", "Qwen/Qwen2.5-7B-Instruct", "--name", "qwen", "--backend", "sglang"])
+    assert result.exit_code == 0, result.output
+    assert sent[0]["backend"] == "sglang" and sent[0]["replicas"] == {"min": 1, "max": 1}
+    CliRunner().invoke(app, ["deploy", "default", "--name", "chat"])
+    assert "backend" not in sent[1]  # the API's default (native)

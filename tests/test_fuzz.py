@@ -129,17 +129,20 @@ class NullProvider:
 
     name = "null"
 
+    def __init__(self):
+        self.stopped: set[str] = set()
+
     async def start(self, spec, replica_id, generation):
         return ReplicaRow(replica_id, spec.name, generation, None, None, None, "starting", time.time(), None)
 
     async def observe(self, r):
-        return Liveness(True)
+        return Liveness(r.id not in self.stopped, 0, "stopped")
 
     async def ready(self, r, client):
         return r.url is not None
 
     async def stop(self, r, force=False):
-        return None
+        self.stopped.add(r.id)  # gone at once (the platform's shutdown waits for replicas to exit)
 
     async def release(self, r):
         return None
@@ -283,7 +286,8 @@ HUGE_NUMBERS = st.one_of(
                      "1.7976931348623157e308", str(2**63), str(-2**63 - 1), str(2**64)]),
     st.integers(min_value=20, max_value=5000).map(lambda n: "9" * n),
 ).map(Raw)
-DEEP = st.tuples(st.integers(min_value=1, max_value=5000), st.sampled_from(["[]", "{}"])).map(
+DEEP = st.tuples(st.one_of(st.sampled_from([900, 999, 1001, 3000, 100_000]), st.integers(min_value=1, max_value=50)),
+                 st.sampled_from(["[]", "{}"])).map(
     lambda t: Raw(('[' * t[0] + ']' * t[0]) if t[1] == "[]" else ('{"a":' * t[0] + "1" + "}" * t[0])))
 ODD_STRINGS = st.one_of(
     st.text(max_size=64),  # any code point hypothesis likes, incl. NUL, RTL marks, non-characters

@@ -21,7 +21,7 @@ from fleetserve.cli.serve import EXIT_CONFIG, SERVE_EPILOG, SERVE_HELP, serve
 APP_HELP = """\
 Serve open-weights LLMs as fast, observable, OpenAI-compatible endpoints.
 
-fleetserve takes an open-weights LLM from "I have a model id" to a fast, observable, OpenAI-compatible endpoint. `serve` runs one worker with fleetserve's own engine: the embedded SmolLM2-135M-Instruct on any laptop or CI box, or any Llama-family model from a local directory, a .gguf file or the Hugging Face Hub on CPU, CUDA/ROCm or Apple MPS. `models` fetches and locates model files ahead of time so serving never waits on a download.
+fleetserve takes an open-weights LLM from "I have a model id" to a fast, observable, OpenAI-compatible endpoint. `serve` runs one worker with fleetserve's own engine: the embedded SmolLM2-135M-Instruct on any laptop or CI box, or any Llama-family model from a local directory, a .gguf file or the Hugging Face Hub on CPU, CUDA/ROCm or Apple MPS; with --backend sglang or vllm it launches that engine on this machine's NVIDIA GPUs from a plan (`plan` shows it without launching). `models` fetches and locates model files ahead of time so serving never waits on a download.
 """
 
 APP_EPILOG = """\

@@ -129,6 +129,9 @@ def deploy(
     min_replicas: Annotated[int | None, typer.Option("--min", help="Minimum replicas.")] = None,
     max_replicas: Annotated[int | None, typer.Option("--max", help="Maximum replicas.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")] = None,
+    backend: Annotated[str | None, typer.Option(
+        help="native | sglang | vllm. sglang/vllm: provider local, one replica on this machine's NVIDIA GPUs, "
+             "a Hub model. \\[default: native]")] = None,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     max_model_len: Annotated[int | None, typer.Option(help="Context window per request.")] = None,
@@ -158,6 +161,8 @@ def deploy(
     hi = replicas if replicas is not None else (max_replicas if max_replicas is not None else max(lo, 1))
     spec = {"name": name, "model": model, "revision": revision, "precision": precision, "device": device,
             "max_model_len": max_model_len, "replicas": {"min": lo, "max": hi}, "provider": provider}
+    if backend is not None:
+        spec["backend"] = backend
     for key, value in (("region", region), ("image", image), ("cpu", cpu), ("memory_mb", memory_mb)):
         if value is not None:  # unset cloud fields stay out: the local provider rejects them
             spec[key] = value

@@ -21,13 +21,15 @@ from fleetserve.config import ConfigError, ServeConfig, load_serve_config, rende
 EXIT_CONFIG = 2  # usage/config problems, like click's own usage errors
 
 SERVE_HELP = """\
-Serve one model behind an OpenAI-compatible HTTP API, using fleetserve's native engine.
+Serve one model behind an OpenAI-compatible HTTP API, using fleetserve's native engine or, with --backend sglang or vllm, that engine launched on this machine's GPUs from a plan (see `fleetserve plan`).
 
 The worker answers /v1/chat/completions, /v1/completions and /v1/models (streaming or not), plus /health, /healthz (liveness), /readyz (readiness), /metrics (Prometheus) and /logs (the tail of its log file). The model is loaded once at start-up and requests are batched continuously.
 
 With --api-key (or FLEETSERVE_API_KEY) every route except /health, /healthz, /readyz and (unless --metrics-auth) /metrics requires 'Authorization: Bearer <key>'; with no key configured nothing requires one. Every request gets an X-Request-ID (the caller's, or a new one) that appears in its log lines. On SIGTERM or SIGINT the worker drains: /readyz turns 503, new requests get 503, requests in flight finish (up to --drain-timeout seconds), then it exits 0; a second signal exits at once.
 
-Every option can also come from the environment or a file. Precedence, highest first: command-line flags, FLEETSERVE_<FIELD> variables (e.g. FLEETSERVE_PORT), the seed names MODEL_PATH, PORT, HOST, LOG_LEVEL, MAX_TOTAL_TOKENS and HF_TOKEN, HATHORA_DEFAULT_PORT (port only), DEPLOYMENT_CONFIG_JSON, the YAML file given with --config, then built-in defaults. Use --print-config to see the value and source of every setting, and --dry-run to check the config, model, port and device without serving.
+With --backend sglang or vllm the worker detects the GPUs, plans precision, tensor parallelism, PD disaggregation and speculative decoding, starts the engine processes, forwards /v1 to them (streams untouched) and keeps its own /health, /readyz, /metrics (the engine's series plus fleetserve's) and /logs. Without NVIDIA GPUs, or when no plan fits, it exits 2 with the reason. Settings one backend cannot honour are rejected, not ignored (e.g. --tp-size with the native engine, --max-batch-tokens with sglang).
+
+Every option can also come from the environment or a file. Precedence, highest first: command-line flags, FLEETSERVE_<FIELD> variables (e.g. FLEETSERVE_PORT, FLEETSERVE_BACKEND), the seed names MODEL_PATH, PORT, HOST, LOG_LEVEL, MAX_TOTAL_TOKENS, HF_TOKEN, TP_SIZE, H100_ONLY, ENABLE_PD_DEFAULTS, DISAGG_BOOTSTRAP_PORT, DISAGG_IB_DEVICE, DISAGG_TRANSFER_BACKEND and SPECULATIVE_*, HATHORA_DEFAULT_PORT (port only), DEPLOYMENT_CONFIG_JSON, the YAML file given with --config, then built-in defaults. Use --print-config to see the value and source of every setting (and the plan, with sglang or vllm), and --dry-run to check the config, model, port and device (or the plan, ports and engine install) without serving.
 """
 
 SERVE_EPILOG = """\
@@ -44,6 +46,10 @@ SERVE_EPILOG = """\
   fleetserve serve --dry-run && fleetserve serve    [dim]# check first, then run[/dim]
 
   FLEETSERVE_API_KEY=k1-secret,k2-secret fleetserve serve --host 0.0.0.0 --cors-origin https://app.example.com
+
+  fleetserve serve --backend sglang --model Qwen/Qwen2.5-7B-Instruct   [dim]# SGLang on this machine's GPUs[/dim]
+
+  MODEL_PATH=meta-llama/Llama-3.1-8B-Instruct TP_SIZE=2 fleetserve serve --backend vllm --dry-run
 """
 
 _MODEL = "Model"
@@ -52,6 +58,7 @@ _SERVER = "Server"
 _SECURITY = "Security"
 _OBSERVABILITY = "Observability"
 _CONFIG = "Configuration"
+_GPU = "GPU backends (sglang, vllm)"
 
 
 def _err(console: Console, message: str) -> None:
@@ -69,8 +76,12 @@ def serve(
     hf_token: Annotated[str | None, typer.Option(
         help="Hugging Face token for gated/private models (never printed or logged). Prefer HF_TOKEN.",
         rich_help_panel=_MODEL)] = None,
+    backend: Annotated[str | None, typer.Option(
+        "--backend", help="native (fleetserve's own engine) | sglang | vllm (launched on this machine's NVIDIA "
+        "GPUs from a plan). \\[default: native]", rich_help_panel=_ENGINE)] = None,
     precision: Annotated[str | None, typer.Option(
-        "--precision", "--dtype", help="auto | fp32 | bf16 | fp16. auto = fp32 on CPU, bf16 on CUDA. "
+        "--precision", "--dtype", help="auto | fp32 | bf16 | fp16, and fp8 with sglang/vllm. auto = fp32 on CPU, "
+        "bf16 on CUDA (native); FP8 weights + FP8 KV cache on H100/H200, else bf16 (sglang, vllm). "
         "--dtype is an alias. \\[default: auto]", rich_help_panel=_ENGINE)] = None,
     device: Annotated[str | None, typer.Option(
         help="auto | cpu | cuda | mps. auto picks cuda, then mps, then cpu. \\[default: auto]",
@@ -135,6 +146,47 @@ def serve(
         "written the worker still serves, and /health reports log_file_error. "
         "\\[default: $FLEETSERVE_HOME/logs/worker-<port>.log]", rich_help_panel=_OBSERVABILITY,
         dir_okay=False)] = None,
+    tp_size: Annotated[int | None, typer.Option(
+        "--tp-size", help="GPUs per engine (tensor parallelism; env TP_SIZE). Setting it turns off the automatic "
+        "PD split. \\[default: the largest the model and GPUs allow]", rich_help_panel=_GPU)] = None,
+    quantization: Annotated[str | None, typer.Option(
+        help="Engine quantization method (fp8, awq, gptq, ...). \\[default: fp8 on H100/H200 with precision auto]",
+        rich_help_panel=_GPU)] = None,
+    kv_cache_dtype: Annotated[str | None, typer.Option(
+        help="KV cache dtype (auto, fp8_e5m2, fp8_e4m3, ...). \\[default: fp8_e5m2 with FP8, else the model's]",
+        rich_help_panel=_GPU)] = None,
+    mem_fraction_static: Annotated[float | None, typer.Option(
+        help="Fraction of each GPU's memory for weights + KV cache. \\[default: 0.85 sglang, 0.90 vllm]",
+        rich_help_panel=_GPU)] = None,
+    h100_only: Annotated[bool | None, typer.Option(
+        "--h100-only/--no-h100-only", help="Refuse to start on anything but H100 GPUs (env H100_ONLY).",
+        rich_help_panel=_GPU, show_default=False)] = None,
+    pd: Annotated[str | None, typer.Option(
+        "--pd", help="Prefill/decode disaggregation (sglang): auto (on 2, 4 or 8 H100s without --tp-size) | on | "
+        "off (env ENABLE_PD_DEFAULTS=false). \\[default: auto]", rich_help_panel=_GPU)] = None,
+    pd_bootstrap_port: Annotated[int | None, typer.Option(
+        help="KV bootstrap port of the first prefill server (env DISAGG_BOOTSTRAP_PORT). \\[default: 8998]",
+        rich_help_panel=_GPU)] = None,
+    pd_ib_device: Annotated[str | None, typer.Option(
+        help="RDMA devices for the KV transfer, e.g. mlx5_0,mlx5_1 (env DISAGG_IB_DEVICE). \\[default: SGLang's "
+        "choice]", rich_help_panel=_GPU)] = None,
+    speculative: Annotated[str | None, typer.Option(
+        help="Speculative decoding: none | eagle | eagle3 | ngram (env SPECULATIVE_ALGORITHM). \\[default: none]",
+        rich_help_panel=_GPU)] = None,
+    speculative_draft_model_path: Annotated[str | None, typer.Option(
+        help="EAGLE draft model, Hub id or path (env SPECULATIVE_DRAFT_MODEL_PATH).", rich_help_panel=_GPU)] = None,
+    speculative_num_steps: Annotated[int | None, typer.Option(
+        help="Draft steps per decode step (env SPECULATIVE_NUM_STEPS). \\[default: 2 with EAGLE]",
+        rich_help_panel=_GPU)] = None,
+    speculative_eagle_topk: Annotated[int | None, typer.Option(
+        help="Draft branches per step (env SPECULATIVE_EAGLE_TOPK). \\[default: 6 with EAGLE]",
+        rich_help_panel=_GPU)] = None,
+    speculative_num_draft_tokens: Annotated[int | None, typer.Option(
+        help="Draft tokens verified per step (env SPECULATIVE_NUM_DRAFT_TOKENS). \\[default: 10 with EAGLE]",
+        rich_help_panel=_GPU)] = None,
+    engine_port: Annotated[int | None, typer.Option(
+        help="First port of the engine processes, bound on 127.0.0.1 (the router or engine, then prefill, then "
+        "decode servers). \\[default: 30000]", rich_help_panel=_GPU)] = None,
     config: Annotated[Path | None, typer.Option(
         "--config", "-c", help="YAML file of settings (same field names as the options, e.g. max_batch_tokens).",
         rich_help_panel=_CONFIG, dir_okay=False)] = None,
@@ -154,7 +206,13 @@ def serve(
         "host": host, "port": port, "log_level": log_level, "max_body_bytes": max_body_bytes,
         "drain_timeout_s": drain_timeout, "api_keys": api_key or None, "cors_origins": cors_origin or None,
         "metrics_auth": metrics_auth, "log_file": log_file, "max_batch_size": max_batch_size,
-        "max_new_tokens": max_new_tokens, "max_request_tokens": max_request_tokens,
+        "max_new_tokens": max_new_tokens, "max_request_tokens": max_request_tokens, "backend": backend,
+        "tp_size": tp_size, "quantization": quantization, "kv_cache_dtype": kv_cache_dtype,
+        "mem_fraction_static": mem_fraction_static, "h100_only": h100_only, "pd": pd,
+        "pd_bootstrap_port": pd_bootstrap_port, "pd_ib_device": pd_ib_device, "speculative": speculative,
+        "speculative_draft_model_path": speculative_draft_model_path, "speculative_num_steps": speculative_num_steps,
+        "speculative_eagle_topk": speculative_eagle_topk, "speculative_num_draft_tokens": speculative_num_draft_tokens,
+        "engine_port": engine_port,
     }
     cli = {k: v for k, v in cli.items() if v is not None}
     out, err = Console(), Console(stderr=True)
@@ -164,12 +222,16 @@ def serve(
         _err(err, str(exc))
         raise typer.Exit(EXIT_CONFIG) from None
 
+    remote = cfg.backend != "native"
     if print_config:
         out.print(render_config(cfg, sources))
+        if remote:  # the plan it would run: GPUs, processes and their command lines, decisions
+            _print_plan(cfg, sources, out, err)
         if not dry_run:
             raise typer.Exit(0)
     if dry_run:
-        problem, summary = dry_run_checks(cfg)
+        problem, summary = (remote_dry_run_checks(cfg, sources, None if print_config else out) if remote
+                            else dry_run_checks(cfg))
         if problem:
             _err(err, problem)
             raise typer.Exit(EXIT_CONFIG)
@@ -185,7 +247,7 @@ def serve(
         register_secret(key.get_secret_value())
     from fleetserve.server.app import run_server
 
-    run_server(cfg)
+    run_server(cfg, sources=sources)
 
 
 def dry_run_checks(cfg: ServeConfig) -> tuple[str | None, str]:
@@ -201,6 +263,61 @@ def dry_run_checks(cfg: ServeConfig) -> tuple[str | None, str]:
 
 class _Problem(Exception):
     pass
+
+
+def _plan(cfg: ServeConfig, sources):
+    """The plan for a remote backend (no download: config.json must be local or cached); _Problem if none."""
+    from fleetserve.planner.serve import plan_for_config
+    from fleetserve.planner.types import PlanError
+
+    try:
+        return plan_for_config(cfg, sources, download=False)
+    except PlanError as exc:
+        raise _Problem(f"no plan for the {cfg.backend} backend: {exc}") from None
+
+
+def _print_plan(cfg: ServeConfig, sources, out: Console, err: Console) -> None:
+    from fleetserve.cli.plan import render_plan
+
+    try:
+        plan = _plan(cfg, sources)
+    except _Problem as exc:
+        _err(err, str(exc))
+        raise typer.Exit(EXIT_CONFIG) from None
+    render_plan(plan, out)
+
+
+def remote_dry_run_checks(cfg: ServeConfig, sources=None, out: Console | None = None) -> tuple[str | None, str]:
+    """sglang / vllm: the plan (GPUs, model config, memory), the ports, the engine install. Nothing starts.
+
+    With `out`, the plan is printed there first.
+    """
+    from fleetserve.engine.remote.launcher import missing_engine
+    from fleetserve.planner.serve import summary
+
+    try:
+        plan = _plan(cfg, sources)
+        if out is not None:
+            from fleetserve.cli.plan import render_plan
+
+            render_plan(plan, out)
+        port_line = check_port_free(cfg.host, cfg.port)
+        engine_ports = sorted({(p.host, p.port) for p in plan.processes}
+                              | {(p.host, p.bootstrap_port) for p in plan.processes if p.bootstrap_port})
+        for host, port in engine_ports:
+            if (host, port) == (cfg.host, cfg.port) or (port == cfg.port and "0.0.0.0" in (host, cfg.host)):
+                raise _Problem(f"engine port {port} is fleetserve's own port; choose another with --engine-port "
+                               "(or --port)")
+            try:
+                check_port_free(host, port)
+            except _Problem as exc:
+                raise _Problem(f"engine port: {exc}".replace("--port", "--engine-port")) from None
+        if (missing := missing_engine(plan.processes)) is not None:
+            raise _Problem(missing)
+    except _Problem as exc:
+        return str(exc), ""
+    ports = ", ".join(str(port) for _, port in engine_ports)
+    return None, f"config valid; plan {summary(plan)}; {port_line}; engine ports {ports} free; engine installed"
 
 
 def _check_model(cfg: ServeConfig) -> str:

@@ -72,6 +72,10 @@ async def patch(name: str, body: DeploymentPatch, p=Depends(platform)) -> Deploy
         if hi < max(lo, 1):
             raise HTTPException(422, [{"loc": ["body", "replicas", "max"], "type": "value_error",
                                        "msg": f"replicas.max ({hi}) must be >= replicas.min ({lo}) and >= 1"}])
+        if spec.backend != "native" and hi > 1:
+            raise HTTPException(422, [{"loc": ["body", "replicas", "max"], "type": "value_error",
+                                       "msg": f"backend {spec.backend} runs one replica per machine: replicas.max "
+                                              f"must be 1, not {hi}"}])
         spec.replicas.min, spec.replicas.max = lo, hi
         changes.append(f"replicas {lo}..{hi}")
     if body.autoscale is not None:

@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from fleetserve import __version__
+from fleetserve.config import DEFAULT_MAX_BODY_BYTES
 from fleetserve.console import install_console
 from fleetserve.control import api
 from fleetserve.control.autoscaler import Autoscaler
@@ -29,6 +30,7 @@ from fleetserve.control.store import Store
 from fleetserve.gateway.router import Gateway, make_router
 from fleetserve.server.auth import deny
 from fleetserve.server.errors import install_error_handlers
+from fleetserve.server.middleware import BodyLimitMiddleware
 
 log = logging.getLogger("fleetserve.control")
 
@@ -134,6 +136,8 @@ def create_platform_app(p: Platform) -> FastAPI:
                   description="fleetserve control plane (/api/v1) and gateway (/v1).")
     app.state.platform = p
     install_error_handlers(app)
+    # the gateway buffers each body (to route by `model`) before a worker's own limit applies: 413 here too
+    app.add_middleware(BodyLimitMiddleware, max_bytes=DEFAULT_MAX_BODY_BYTES)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict:

@@ -25,6 +25,11 @@ NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 # engine_args a deployment may pass to its workers (fleetserve serve options)
 ENGINE_ARGS = {"max_batch_tokens", "max_running_seqs", "kv_cache_tokens", "block_size", "max_queue_len"}
+# ... and those the sglang / vllm backends honour (the KV pool size, the queue limit)
+REMOTE_ENGINE_ARGS = {"kv_cache_tokens", "max_queue_len"}
+# backends each provider can start: a remote backend's replica is `fleetserve serve --backend B` on this
+# machine's GPUs; the cloud providers run the native images only, for now
+PROVIDER_BACKENDS = {"local": ("native", "sglang", "vllm"), "hathora": ("native",), "kubernetes": ("native",)}
 
 
 class Replicas(BaseModel):
@@ -81,7 +86,9 @@ class DeploymentSpec(BaseModel):
     model: str = Field("default", min_length=1, description="'default', a Hugging Face Hub id, or a local path")
     revision: str | None = None
     hf_token: SecretStr | None = Field(None, description="write-only; stored encrypted, never returned")
-    backend: Literal["native"] = "native"
+    backend: Literal["native", "sglang", "vllm"] = Field(
+        "native", description="native: fleetserve's engine; sglang / vllm: that engine on the machine's NVIDIA GPUs, "
+                              "planned by the worker (provider local, one replica per machine, a Hugging Face model)")
     provider: Literal["local", "hathora", "kubernetes"] = "local"
     region: str | None = Field(None, validate_default=True, description="Hathora region (provider hathora): " + ", ".join(HATHORA_REGIONS))
     image: str | None = Field(None, min_length=1, description="container image (cloud providers); default: "
@@ -103,6 +110,40 @@ class DeploymentSpec(BaseModel):
         if not NAME_RE.match(v):
             raise ValueError("must be a DNS label: 1-63 lowercase letters, digits or '-', starting and ending "
                              "with a letter or digit")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str, info) -> str:
+        if v != "native" and info.data.get("model") == "default":
+            raise ValueError(f"backend {v} serves a Hugging Face model (a Hub id or a local HF directory); 'default' "
+                             "is the native engine's embedded GGUF model")
+        return v
+
+    @field_validator("provider")
+    @classmethod
+    def _provider(cls, v: str, info) -> str:
+        backend = info.data.get("backend")
+        if backend is not None and backend not in PROVIDER_BACKENDS[v]:
+            raise ValueError(f"provider {v} runs the native backend only (its images); backend {backend} needs "
+                             "provider local")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str, info) -> str:
+        backend = info.data.get("backend")
+        if backend not in (None, "native") and v not in ("auto", "cuda"):
+            raise ValueError(f"backend {backend} runs on CUDA GPUs: device must be auto or cuda, not {v!r}")
+        return v
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, v: Replicas, info) -> Replicas:
+        backend = info.data.get("backend")
+        if backend not in (None, "native") and v.max > 1:
+            raise ValueError(f"backend {backend} runs one replica per machine (each takes all of its GPUs): "
+                             f"replicas.max must be 1, not {v.max}")
         return v
 
     @field_validator("region")
@@ -130,10 +171,12 @@ class DeploymentSpec(BaseModel):
 
     @field_validator("engine_args")
     @classmethod
-    def _engine_args(cls, v: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(v) - ENGINE_ARGS)
+    def _engine_args(cls, v: dict[str, Any], info) -> dict[str, Any]:
+        backend = info.data.get("backend") or "native"
+        allowed = ENGINE_ARGS if backend == "native" else REMOTE_ENGINE_ARGS
+        unknown = sorted(set(v) - allowed)
         if unknown:
-            raise ValueError(f"unsupported engine_args {unknown}; allowed: {sorted(ENGINE_ARGS)}")
+            raise ValueError(f"unsupported engine_args {unknown} with backend {backend}; allowed: {sorted(allowed)}")
         for k, val in v.items():
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"engine_args.{k} must be a positive integer")

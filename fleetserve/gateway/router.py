@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Request
@@ -124,7 +125,10 @@ class Gateway:
             traffic.in_flight += 1
             try:
                 upstream = await self.client.send(req, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+            # ReadError/WriteError: a kept-alive connection to a replica that died (SIGKILL, OOM) fails on
+            # first use, before any byte of an answer: that replica cannot be reached either
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
+                    httpx.WriteError) as exc:
                 rs.in_flight[url] -= 1
                 traffic.in_flight -= 1
                 rs.ejected_until[url] = time.monotonic() + EJECT_S
@@ -185,7 +189,7 @@ def make_router(gateway: Gateway, deployments) -> APIRouter:
         body = await request.body()
         try:
             payload = json.loads(body or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser allows
             return error_response(400, "the request body is not valid JSON")
         if not isinstance(payload, dict):
             return error_response(400, "the request body must be a JSON object")
@@ -219,8 +223,11 @@ def make_router(gateway: Gateway, deployments) -> APIRouter:
         body = await request.body()
         try:
             key = affinity_key(json.loads(body)) if body else None
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        except (ValueError, RecursionError, AttributeError):
             key = None
-        return await gateway.forward(name, "/" + path, request, body, key if isinstance(key, str) else None)
+        # `path` arrives %-decoded: encode it again, so `?`, `#` or control characters in it stay part of the
+        # replica's path (not a query string, not an invalid URL)
+        return await gateway.forward(name, "/" + quote(path, safe="/:@!$&'()*+,;=~"), request, body,
+                                     key if isinstance(key, str) else None)
 
     return router

@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import torch
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from rich.console import Console
 
 from fleetserve import __version__
@@ -31,12 +31,7 @@ from fleetserve.models import ModelFiles, ModelResolutionError, resolve_model
 from fleetserve.server import routes_batch, routes_health, routes_openai, routes_ops
 from fleetserve.server.auth import INFERENCE_DEPENDENCIES
 from fleetserve.server.errors import install_error_handlers
-from fleetserve.server.middleware import (
-    PROCESS_TIME_HEADER,
-    REQUEST_ID_HEADER,
-    BodyLimitMiddleware,
-    RequestContextMiddleware,
-)
+from fleetserve.server.middleware import BodyLimitMiddleware, RequestContextMiddleware, add_cors
 from fleetserve.server.state import WorkerState
 from fleetserve.tokenizer import Tokenizer
 
@@ -105,11 +100,7 @@ def create_app(state: WorkerState, load: bool = True, on_load_failure=None) -> F
     app.include_router(routes_batch.router, dependencies=INFERENCE_DEPENDENCIES)
     # add_middleware puts each new one outside the previous ones: innermost first.
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
-    if cfg.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_credentials=False,
-                           allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
-                           expose_headers=[REQUEST_ID_HEADER, PROCESS_TIME_HEADER, "Retry-After"], max_age=600)
+    add_cors(app, cfg.cors_origins)
     app.add_middleware(RequestContextMiddleware, state=state)
     return app
 
@@ -120,7 +111,14 @@ def configure_worker_logging(cfg: ServeConfig, json_logs: bool | None = None) ->
     return path, setup_logging(cfg.log_level, json_logs=json_logs, log_file=path)
 
 
-def run_server(cfg: ServeConfig) -> None:
+def run_server(cfg: ServeConfig, sources: Mapping[str, str] | None = None) -> None:
+    """Serve `cfg` until SIGTERM/SIGINT. With backend sglang or vllm: plan the engines and front them."""
+    if cfg.backend != "native":
+        from fleetserve.server.remote_app import run_planned_server
+
+        run_planned_server(cfg, sources)
+        return
+
     import uvicorn
 
     from fleetserve.server.drain import DrainingServer

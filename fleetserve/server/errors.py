@@ -53,6 +53,23 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "param": renderable(param), "code": code}}
 
 
+# request fields whose values a validation error must never echo back (they would reach clients' logs)
+SECRET_FIELDS = frozenset({"hf_token", "api_key", "api_keys", "token", "password", "secret"})
+
+
+def without_secrets(value: Any, key: Any = None) -> Any:
+    """An echoed input with secret fields' values (by name) and token-shaped strings replaced by ***."""
+    from fleetserve.logs import REDACTED, redact
+
+    if key in SECRET_FIELDS and value is not None:
+        return REDACTED
+    if isinstance(value, dict):
+        return {k: without_secrets(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_secrets(v) for v in value]
+    return redact(value) if isinstance(value, str) else value
+
+
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -118,7 +135,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         if not request.url.path.startswith("/v1/"):
-            return JSONResponse({"detail": renderable(json.loads(json.dumps(errors, default=str)))}, status_code=422)
+            detail = renderable(json.loads(json.dumps(errors, default=str)))
+            for error in detail:
+                if isinstance(error, dict) and "input" in error:  # e.g. a missing `name` echoes the whole body
+                    field = next((x for x in reversed(error.get("loc") or []) if isinstance(x, str)), None)
+                    error["input"] = without_secrets(error["input"], field)
+            return JSONResponse({"detail": detail}, status_code=422)
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
             return error_response(400, f"the request body is not valid JSON: {first.get('msg')}")

@@ -176,3 +176,15 @@ class BodyLimitMiddleware:
                                 (b"content-length", str(len(payload)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": payload})
+
+
+def add_cors(app, origins: list[str]) -> None:
+    """CORS for the configured browser origins (nothing when there are none): the worker's one CORS policy."""
+    if not origins:
+        return
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
+                       allow_methods=["GET", "POST", "OPTIONS"],
+                       allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+                       expose_headers=[REQUEST_ID_HEADER, PROCESS_TIME_HEADER, "Retry-After"], max_age=600)

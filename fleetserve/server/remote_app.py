@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -25,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from fleetserve import __version__
 from fleetserve.config import ServeConfig, fleetserve_home
 from fleetserve.engine.remote import metrics_translate as mt
-from fleetserve.engine.remote.launcher import EngineLauncher, LaunchError
+from fleetserve.engine.remote.launcher import EngineLauncher, LaunchError, missing_engine
 from fleetserve.engine.remote.proxy import forward, new_client
 from fleetserve.engine.types import EngineHealth, EngineState, EngineStats
 from fleetserve.logs import tail_lines
@@ -33,7 +34,7 @@ from fleetserve.models import ModelFiles
 from fleetserve.planner.types import Process
 from fleetserve.server.auth import INFERENCE_DEPENDENCIES, require_api_key, require_metrics_access
 from fleetserve.server.errors import install_error_handlers
-from fleetserve.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from fleetserve.server.middleware import BodyLimitMiddleware, RequestContextMiddleware, add_cors
 from fleetserve.server.state import WorkerState
 
 log = logging.getLogger("fleetserve.remote")
@@ -225,6 +226,7 @@ def create_remote_app(state: WorkerState, engine: RemoteEngine, *, on_failure=No
     app.include_router(ops)
     app.include_router(v1, dependencies=INFERENCE_DEPENDENCIES)
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.max_body_bytes)
+    add_cors(app, cfg.cors_origins)
     app.add_middleware(RequestContextMiddleware, state=state)
     return app
 
@@ -285,6 +287,43 @@ def run_remote_server(cfg: ServeConfig, processes: list[Process], *, backend: st
     asyncio.run(server.serve())
     if exit_code:
         raise SystemExit(exit_code)
+
+
+def run_planned_server(cfg: ServeConfig, sources: Mapping[str, str] | None = None) -> None:
+    """`fleetserve serve --backend sglang|vllm`: detect the GPUs, plan, launch the engines and front them.
+
+    No plan possible (no GPU, the H100 guard, a model that does not fit, ...): the planner's message is
+    logged as an error (the platform shows a replica's last error line) and the process exits 2.
+    """
+    from rich.console import Console
+
+    from fleetserve.planner.serve import plan_for_config
+    from fleetserve.planner.types import PlanError
+    from fleetserve.server.app import configure_worker_logging
+
+    configure_worker_logging(cfg)
+    try:
+        plan = plan_for_config(cfg, sources)
+    except PlanError as exc:
+        log.error("plan failed for the %s backend: %s", cfg.backend, " ".join(str(exc).split()))
+        raise SystemExit(2) from None
+    if (missing := missing_engine(plan.processes)) is not None:
+        log.error("cannot start the %s backend (engine not installed): %s", cfg.backend, missing)
+        raise SystemExit(2)
+    for decision in plan.decisions:
+        log.info("plan: %s = %s (%s)", decision.setting, decision.value, decision.reason)
+    for warning in plan.warnings:
+        log.warning("plan: %s", warning)
+    s = plan.settings
+    name = s.served_model_name or s.model
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    base = f"http://{host}:{cfg.port}"
+    Console(stderr=True).print(
+        f"[bold green]fleetserve[/] serving [bold]{name}[/] with {plan.backend} ({plan.mode}, "
+        f"{len(plan.processes)} process{'es' if len(plan.processes) > 1 else ''}) at [link]{base}/v1[/]  "
+        f"(ready when {base}/readyz answers 200)", soft_wrap=True, highlight=False)
+    token = cfg.hf_token.get_secret_value() if cfg.hf_token is not None else None
+    serve_plan(plan, cfg, token)
 
 
 def serve_plan(plan, cfg: ServeConfig, hf_token: str | None = None, **kwargs) -> None:

@@ -31,6 +31,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_engine_port(host: str = "127.0.0.1", highest: int = 65000) -> int:
+    """A free port low enough for the planner's consecutive engine ports (PD mode uses a few above it)."""
+    for _ in range(100):
+        port = free_port(host)
+        if port <= highest:
+            return port
+    raise RuntimeError(f"no free port at or below {highest} on {host}")
+
+
 def _message(line: str) -> str:
     """The text of a log line: the `msg` of a JSON line (how workers log off a TTY), else the line."""
     try:
@@ -60,9 +69,13 @@ class LocalProvider:
         return self.home / "logs" / deployment / f"{replica_id}.log"
 
     def command(self, spec: DeploymentSpec, port: int) -> list[str]:
+        """`fleetserve serve` for one replica; sglang / vllm replicas plan their engines themselves (the GPUs of
+        this machine) and get a free first engine port, so nothing collides with other local processes."""
         argv = [sys.executable, "-m", "fleetserve", "serve", "--model", spec.model, "--host", "127.0.0.1",
                 "--port", str(port), "--served-model-name", spec.name, "--device", spec.device,
                 "--precision", spec.precision]
+        if spec.backend != "native":
+            argv += ["--backend", spec.backend, "--engine-port", str(free_engine_port())]
         if spec.revision:
             argv += ["--revision", spec.revision]
         if spec.max_model_len:

@@ -154,3 +154,35 @@ def _signal_group(popen: subprocess.Popen, sig: int) -> None:
             popen.send_signal(sig)
         except ProcessLookupError:
             pass
+
+
+def missing_engine(processes: Sequence[Process]) -> str | None:
+    """Why a process of the plan cannot start here (its engine is not installed), or None.
+
+    `python -m MODULE` needs MODULE importable by that interpreter (checked without importing it when
+    the interpreter is this one); any other command must be on PATH.
+    """
+    import importlib.util
+    import shutil
+    import sys
+
+    for proc in processes:
+        argv = proc.argv
+        if not argv:
+            return f"engine process {proc.name} has an empty command line"
+        if len(argv) >= 3 and argv[1] == "-m":
+            module = argv[2]
+            if argv[0] in (sys.executable, "python3", "python"):
+                try:
+                    found = importlib.util.find_spec(module.split(".")[0]) is not None
+                except (ImportError, ValueError):
+                    found = False
+                if not found:
+                    package = module.split(".")[0].replace("_", "-")
+                    return (f"engine process {proc.name} runs `python -m {module}`, but {package} is not installed "
+                            f"for {sys.executable}; install it (pip install {package})")
+                continue
+        if shutil.which(argv[0]) is None:
+            return (f"engine process {proc.name} runs `{argv[0]}`, which is not on PATH; install it "
+                    f"(pip install {argv[0]})")
+    return None
