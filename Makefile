@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install model browser up serve test test-fast lint bench clean
+.PHONY: install model browser up serve test test-fast lint bench audit clean
 
 install: $(STAMP) model browser
 
@@ -49,6 +49,12 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/engine_vs_hf.py
+
+# Known vulnerabilities in the installed dependencies (pip-audit asks its advisory database over the network,
+# so it is not part of `make test`). fleetserve itself is skipped: it is not a published package.
+audit: install
+	$(PY) -m pip install -q 'pip-audit>=2.7'
+	$(PY) -m pip_audit --skip-editable --progress-spinner off
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -154,7 +154,7 @@ class NullProvider:
         return Path(r.log_path) if r.log_path else None
 
 
-NULL_PROVIDERS = {name: NullProvider for name in ("local", "hathora", "kubernetes")}
+NULL_PROVIDERS = dict.fromkeys(("local", "hathora", "kubernetes"), NullProvider)
 
 
 @pytest.fixture(scope="module")
@@ -573,7 +573,7 @@ def platform_with_replica(worker, sandbox):
     home = sandbox / "platform2-home"
     ReplicaOfWorker.url, ReplicaOfWorker.home = url_worker, home
     p = Platform(home, "http://127.0.0.1:1", default_deployment=False, reconcile_interval_s=0.1,
-                 providers={name: ReplicaOfWorker for name in NULL_PROVIDERS})
+                 providers=dict.fromkeys(NULL_PROVIDERS, ReplicaOfWorker))
     app = create_platform_app(p)
     with serve_in_thread(app) as url:
         r = httpx.post(f"{url}/api/v1/deployments", json={"name": "web", "replicas": {"min": 1, "max": 1}})

@@ -216,7 +216,8 @@ def make_router(gateway: Gateway, deployments) -> APIRouter:
         return JSONResponse({"object": "list", "data": [
             {"id": n, "object": "model", "created": now, "owned_by": "fleetserve"} for n in deployments()]})
 
-    @router.api_route("/deployments/{name}/{path:path}", methods=["GET", "POST"])
+    @router.get("/deployments/{name}/{path:path}", operation_id="deployment_passthrough_get")
+    @router.post("/deployments/{name}/{path:path}", operation_id="deployment_passthrough_post")
     async def passthrough(name: str, path: str, request: Request) -> Response:
         if name not in deployments():
             return error_response(404, f"no deployment named '{name}'")

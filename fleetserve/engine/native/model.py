@@ -6,7 +6,7 @@ reference implementation (fp32 RMSNorm, rotate_half RoPE) so greedy outputs matc
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

@@ -93,8 +93,10 @@ def _choose(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     # A tiny temperature or repetition penalty must not overflow logits into inf - inf = NaN in the softmax
     # (that fails the whole step, i.e. every request in the batch): penalised logits are kept finite, and each
     # row is shifted by its max before the division (softmax is shift-invariant, so nothing else changes).
-    sub = sub.nan_to_num(nan=float("-inf"), posinf=torch.finfo(sub.dtype).max, neginf=float("-inf"))
-    sub = (sub - sub.amax(dim=-1, keepdim=True)) / temps[:, None]
+    # `sub` is a copy (advanced indexing), so in place is safe.
+    if any(sp.needs_penalties for sp in sps):
+        sub.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(sub.dtype).max, neginf=float("-inf"))
+    sub.sub_(sub.amax(dim=-1, keepdim=True)).div_(temps[:, None])
     sorted_logits, sorted_idx = sub.sort(dim=-1, descending=True)
     vocab = sub.shape[-1]
     ranks = torch.arange(vocab, device=dev)[None, :]
