@@ -33,6 +33,9 @@ class Health:
     retry_at: float = 0.0
     last_failure: str = ""
     draining: dict[str, float] = field(default_factory=dict)  # replica id -> drain deadline
+    # replicas seen ready at least once: one that turns unready (a slow probe, a crash under way) and then exits
+    # is an exit to replace at once, not a failed start, and the start timeout no longer applies to it
+    was_ready: set[str] = field(default_factory=set)
 
 
 class Reconciler:
@@ -131,19 +134,23 @@ class Reconciler:
                     await self.provider.release(r)
                     self.store.delete_replica(r.id)
                     h.draining.pop(r.id)
+                    h.was_ready.discard(r.id)
                     self.store.event(d.name, "ReplicaStopped", f"replica {r.id} stopped")
                 continue
+            if r.status == "ready":
+                h.was_ready.add(r.id)
             live = await self.provider.observe(r)
             if not live.alive:
                 code, reason = live.exit_code, live.reason
                 was = r.status
                 await self.provider.release(r)
                 self.store.delete_replica(r.id)
-                if was == "starting":
+                if was == "starting" and r.id not in h.was_ready:
                     self._failed_start(d, h, r, reason)
                 else:
                     self.store.event(d.name, "ReplicaExited",
                                      f"replica {r.id} exited (code {code}); replacing it: {reason}")
+                h.was_ready.discard(r.id)
                 continue
             if r.status == "starting":
                 if await self.provider.ready(r, self._client):
@@ -151,7 +158,7 @@ class Reconciler:
                     self.store.put_replica(r)
                     h.failures, h.last_failure = 0, ""
                     self.store.event(d.name, "ReplicaReady", f"replica {r.id} is ready at {r.url}")
-                elif now - (r.started_at or now) > START_TIMEOUT_S:
+                elif r.id not in h.was_ready and now - (r.started_at or now) > START_TIMEOUT_S:
                     await self.provider.stop(r, force=True)
                     await self.provider.release(r)
                     self.store.delete_replica(r.id)
