@@ -60,7 +60,8 @@ def up(
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
     auth = " -H 'Authorization: Bearer $FLEETSERVE_API_KEY'" if keys else ""
     console.print(f"[bold green]fleetserve[/] platform on {base}")
-    console.print(f"  API:     {base}/api/v1/deployments   (docs: {base}/docs)")
+    console.print(f"  Console: {base}/")
+    console.print(f"  API:     {base}/api/v1/deployments   (docs: {base}/docs)", soft_wrap=True)
     console.print(f"  OpenAI:  {base}/v1")
     if not no_default_deployment:
         console.print(f"  try:     curl {base}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
