@@ -9,6 +9,8 @@ logprobs cover exactly its `token_ids`.
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -124,3 +126,28 @@ async def collect_text(deltas: AsyncIterator[TextDelta]) -> ChoiceResult:
         if d.finish_reason:
             out.finish_reason, out.error = d.finish_reason, d.error
     return out
+
+
+async def run_until_disconnected(coros: list, request, gone_error) -> list:
+    """Runs request work to completion, cancelling it (which aborts its engine requests) if the client goes
+    away first; then raises `gone_error()` (a 499 nobody reads) instead of letting a CancelledError escape to
+    the server as an "Exception in ASGI application". A cancellation of this task itself propagates."""
+    work = asyncio.gather(*coros)
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        gone = True
+        work.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        raise gone_error() from None
+    finally:
+        watcher.cancel()

@@ -14,7 +14,6 @@ with Retry-After when the engine is full / not ready.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -32,7 +31,7 @@ from fleetserve.engine.types import (
     SamplingParams,
     TokenLogprob,
 )
-from fleetserve.server.generation import collect_text, open_text_stream
+from fleetserve.server.generation import collect_text, open_text_stream, run_until_disconnected
 from fleetserve.server.protocol import ChatMessage, Usage, new_id
 from fleetserve.server.state import WorkerState, get_state
 
@@ -206,25 +205,10 @@ async def _close(streams: list[AsyncIterator]) -> None:
 
 async def _run_all(coros: list[Awaitable], streams: list[AsyncIterator], request: Request) -> list:
     """Runs the per-prompt coroutines together; if the client goes away first, aborts them all."""
-    work = asyncio.gather(*coros)
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.25)
-        gone = True
-        work.cancel()
-
-    watcher = asyncio.create_task(watch())
     try:
-        return await work
-    except asyncio.CancelledError:
-        if not gone:
-            raise
-        raise HTTPException(499, "the client closed the connection before the response was ready") from None
+        return await run_until_disconnected(coros, request, lambda: HTTPException(
+            499, "the client closed the connection before the response was ready"))
     finally:
-        watcher.cancel()
         await _close(streams)  # frees the engine's blocks of anything unfinished at once
 
 

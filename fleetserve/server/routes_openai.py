@@ -15,7 +15,7 @@ from fleetserve.engine.native.engine import EngineUnavailable
 from fleetserve.engine.types import EngineOverloaded, RequestRejected, SamplingParams
 from fleetserve.server import structured, tools
 from fleetserve.server.errors import APIError, sse_error
-from fleetserve.server.generation import ChoiceResult, TextDelta, collect_text, open_text_stream
+from fleetserve.server.generation import run_until_disconnected, ChoiceResult, TextDelta, collect_text, open_text_stream
 from fleetserve.server.logprobs import chat_logprobs, completion_logprobs
 from fleetserve.server.protocol import (
     ChatCompletionRequest,
@@ -176,27 +176,8 @@ async def _merge(streams: list[AsyncIterator[TextDelta]]) -> AsyncIterator[tuple
 
 
 async def _gather(streams: list[AsyncIterator[TextDelta]], request: Request) -> list[ChoiceResult]:
-    """Runs choices to completion, aborting them if the client goes away first (then: 499, which nobody reads,
-    instead of a CancelledError escaping to the server as an "Exception in ASGI application")."""
-    work = asyncio.gather(*(collect_text(s) for s in streams))
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.25)
-        gone = True
-        work.cancel()
-
-    watcher = asyncio.create_task(watch())
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if not gone:  # this task itself was cancelled (e.g. server shutdown): let it propagate
-            raise
-        raise APIError(499, "the client closed the connection before the response was ready") from None
-    finally:
-        watcher.cancel()
+    return await run_until_disconnected([collect_text(s) for s in streams], request, lambda: APIError(
+        499, "the client closed the connection before the response was ready"))
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
