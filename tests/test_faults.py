@@ -520,3 +520,82 @@ def test_soak_one_minute_against_a_real_worker(tiny_dir, tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+# ---- the reconciler under flapping readiness (no processes: a scripted provider) ------------------------------
+
+
+class ScriptedProvider:
+    """Replicas whose liveness and readiness the test sets; records what the reconciler kills."""
+
+    name = "scripted"
+
+    def __init__(self):
+        self.alive: dict[str, bool] = {}
+        self.ready_now: dict[str, bool] = {}
+        self.killed: list[str] = []
+
+    async def start(self, spec, replica_id, generation):
+        from fleetserve.control.store import ReplicaRow
+
+        self.alive[replica_id], self.ready_now[replica_id] = True, True
+        return ReplicaRow(replica_id, spec.name, generation, 1, 4242, "http://127.0.0.1:1", "starting", time.time(),
+                          None)
+
+    async def observe(self, r):
+        from fleetserve.control.providers.base import Liveness
+
+        return Liveness(self.alive.get(r.id, False), -9, "killed")
+
+    async def ready(self, r, client):
+        return self.ready_now.get(r.id, False)
+
+    async def stop(self, r, force=False):
+        if force:
+            self.killed.append(r.id)
+            self.alive[r.id] = False
+
+    async def release(self, r):
+        pass
+
+    async def logs(self, r, tail):
+        return []
+
+    def log_file(self, r):
+        return None
+
+
+async def test_a_ready_replica_that_flaps_then_dies_is_an_exit_not_a_failed_start(tmp_path):
+    """A replica that was ready, fails a readiness probe (overloaded, or dying) and then exits is replaced at once
+    as `ReplicaExited` (no failure count, no backoff), and a long-running replica whose probe fails is not killed
+    by the *start* timeout. (Both happened before: the SIGKILL test above caught the first.)"""
+    from fleetserve.control import reconciler as rec
+    from fleetserve.control.secrets import SecretBox
+    from fleetserve.control.spec import DeploymentSpec
+    from fleetserve.control.store import Store
+
+    store = Store(tmp_path / "db.sqlite", SecretBox(tmp_path / "secret.key"))
+    provider = ScriptedProvider()
+    r = rec.Reconciler(store, provider)
+    store.create(DeploymentSpec(name="web", replicas={"min": 1, "max": 1}))
+    try:
+        await r.reconcile(store.get("web"))  # starts one
+        await r.reconcile(store.get("web"))  # it is ready
+        (rep,) = store.replicas("web")
+        assert rep.status == "ready"
+        # long past the start timeout, its probe fails: out of routing, but not killed
+        rep.started_at = time.time() - rec.START_TIMEOUT_S - 100
+        store.put_replica(rep)
+        provider.ready_now[rep.id] = False
+        await r.reconcile(store.get("web"))
+        await r.reconcile(store.get("web"))
+        assert provider.killed == [] and store.replicas("web")[0].status == "starting"
+        # now it dies: an exit, replaced at once
+        provider.alive[rep.id] = False
+        await r.reconcile(store.get("web"))
+        reasons = [e["reason"] for e in store.events("web")]
+        assert "ReplicaExited" in reasons and "ReplicaFailed" not in reasons, store.events("web")
+        assert r.health["web"].failures == 0
+        assert len(store.replicas("web")) == 1 and store.replicas("web")[0].id != rep.id
+    finally:
+        await r._client.aclose()
