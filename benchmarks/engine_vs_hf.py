@@ -81,7 +81,9 @@ def main() -> None:
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
                for q in (QUESTIONS * (args.batch // len(QUESTIONS) + 1))[: args.batch]]
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtypes[args.hf_precision])
-    engine = NativeEngine.load("gguf", gguf, tok.eos_token_ids, EngineConfig(max_model_len=2048),
+    # rounds repeat the same prompts: the prefix cache is off so later rounds compute their prompts like HF does
+    engine = NativeEngine.load("gguf", gguf, tok.eos_token_ids,
+                               EngineConfig(max_model_len=2048, enable_prefix_caching=False),
                                torch.device("cpu"), dtypes[args.precision])
     engine.start()
     results: dict[str, list[float]] = {"hf": [], "fleetserve": [], "hf_b1": [], "fleetserve_b1": []}

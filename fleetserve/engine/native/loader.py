@@ -24,4 +24,5 @@ def load_model(
     model.to(dtype=dtype)
     model.init_rope(device)
     model.eval().requires_grad_(False)
+    model.prepack()
     return model, cfg

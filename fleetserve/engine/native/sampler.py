@@ -85,21 +85,41 @@ def _choose(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     argmax = logits.argmax(dim=-1)
     if all(greedy):
         return argmax.tolist()
-    rows = [i for i, g in enumerate(greedy) if not g]
-    sub = logits[rows]
-    sps = [seqs[i].sampling for i in rows]
-    dev = logits.device
+    out = argmax.tolist()
+    # Rows are grouped by how much ranking they need, so a row's draw never depends on its neighbours:
+    # plain temperature sampling needs none, a small top-k only its k best, top-p/min-p a full sort.
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(seqs):
+        if not greedy[i]:
+            sp = s.sampling
+            kind = ("plain" if sp.top_k <= 0 and sp.top_p >= 1.0 and sp.min_p <= 0.0
+                    else "topk" if 0 < sp.top_k <= 1024 else "sort")
+            groups.setdefault(kind, []).append(i)
+    for kind, rows in groups.items():
+        for i, tok in zip(rows, _sample_rows(logits[rows], [seqs[i] for i in rows], kind)):
+            out[i] = tok
+    return out
+
+
+def _sample_rows(sub: torch.Tensor, seqs: list[Sequence], kind: str) -> list[int]:
+    """sub: a copy of the rows' logits (advanced indexing), so in place is safe."""
+    sps = [s.sampling for s in seqs]
+    dev = sub.device
     temps = torch.tensor([sp.temperature for sp in sps], device=dev).clamp_min(torch.finfo(torch.float32).tiny)
     # A tiny temperature or repetition penalty must not overflow logits into inf - inf = NaN in the softmax
     # (that fails the whole step, i.e. every request in the batch): penalised logits are kept finite, and each
     # row is shifted by its max before the division (softmax is shift-invariant, so nothing else changes).
-    # `sub` is a copy (advanced indexing), so in place is safe.
     if any(sp.needs_penalties for sp in sps):
         sub.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(sub.dtype).max, neginf=float("-inf"))
     sub.sub_(sub.amax(dim=-1, keepdim=True)).div_(temps[:, None])
-    sorted_logits, sorted_idx = sub.sort(dim=-1, descending=True)
+    if kind == "plain":
+        return _draw(sub.softmax(dim=-1), seqs).tolist()
     vocab = sub.shape[-1]
-    ranks = torch.arange(vocab, device=dev)[None, :]
+    if kind == "topk":  # a full sort of the vocabulary costs milliseconds per row
+        sorted_logits, sorted_idx = sub.topk(max(sp.top_k for sp in sps), dim=-1)
+    else:
+        sorted_logits, sorted_idx = sub.sort(dim=-1, descending=True)
+    ranks = torch.arange(sorted_logits.shape[-1], device=dev)[None, :]
     top_k = torch.tensor([min(sp.top_k, vocab) if sp.top_k > 0 else vocab for sp in sps], device=dev)
     mask = ranks >= top_k[:, None]
     sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
@@ -109,15 +129,19 @@ def _choose(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     min_p = torch.tensor([sp.min_p for sp in sps], device=dev)
     mask |= probs < min_p[:, None] * probs[:, :1]
     probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(dim=-1)
-    picks = torch.empty(len(rows), dtype=torch.long, device=dev)
-    unseeded = [j for j, i in enumerate(rows) if seqs[i].generator is None]
+    return sorted_idx.gather(1, _draw(probs, seqs)[:, None]).squeeze(1).tolist()
+
+
+def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """One index per row. A seeded request inverts its CDF with one uniform from its own generator, so the
+    same seed gives the same text whatever else is in the batch (and however long the candidate list is)."""
+    picks = torch.empty(len(seqs), dtype=torch.long, device=probs.device)
+    unseeded = [j for j, s in enumerate(seqs) if s.generator is None]
     if unseeded:
         picks[unseeded] = torch.multinomial(probs[unseeded], 1).squeeze(1)
-    for j, i in enumerate(rows):
-        gen = seqs[i].generator
-        if gen is not None:
-            picks[j] = torch.multinomial(probs[j].cpu(), 1, generator=gen).item()
-    chosen = sorted_idx.gather(1, picks[:, None]).squeeze(1)
-    out = argmax.clone()
-    out[rows] = chosen
-    return out.tolist()
+    for j, s in enumerate(seqs):
+        if s.generator is not None:
+            cdf = probs[j].double().cumsum(0).cpu()
+            u = torch.rand((), generator=s.generator, dtype=torch.float64) * cdf[-1]
+            picks[j] = min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)
+    return picks
