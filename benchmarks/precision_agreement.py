@@ -2,6 +2,7 @@
 of the actual next token, teacher-forced over a fixed text, plus greedy-decode agreement.
 
     python benchmarks/precision_agreement.py [--precision bf16] [--model default]
+    python benchmarks/precision_agreement.py --precision bf16 --quantization fp8 --kv-cache-dtype fp8_e4m3
 """
 
 from __future__ import annotations
@@ -49,13 +50,16 @@ async def main_async(args) -> None:
     tok = Tokenizer.from_model_files(files)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     engines = {}
-    for name in ("fp32", args.precision):
-        engines[name] = NativeEngine.load(files.format, files.path, tok.eos_token_ids, EngineConfig(max_model_len=1024,
-                                          enable_prefix_caching=False), torch.device("cpu"), dtypes[name])
+    label = args.precision + (f"+{args.quantization}" if args.quantization else "") + (
+        f"+kv {args.kv_cache_dtype}" if args.kv_cache_dtype else "")
+    for name, dtype, extra in (("fp32", "fp32", {}), (label, args.precision, {
+            "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype})):
+        engines[name] = NativeEngine.load(files.format, files.path, tok.eos_token_ids, EngineConfig(
+            max_model_len=1024, enable_prefix_caching=False, **extra), torch.device("cpu"), dtypes[dtype])
         engines[name].start()
     ids = tok.encode(TEXT)
     ref = await prompt_logprobs(engines["fp32"], ids)
-    low = await prompt_logprobs(engines[args.precision], ids)
+    low = await prompt_logprobs(engines[label], ids)
     top1 = sum((a.top[0][0] == b.top[0][0]) for a, b in zip(ref, low)) / len(ref)
     dlp = sum(abs(a.logprob - b.logprob) for a, b in zip(ref, low)) / len(ref)
     nll_ref = -sum(a.logprob for a in ref) / len(ref)
@@ -63,18 +67,18 @@ async def main_async(args) -> None:
     same_prefix, total = 0, 0
     for q in QUESTIONS:
         p = tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
-        a, b = await greedy(engines["fp32"], p, 32), await greedy(engines[args.precision], p, 32)
+        a, b = await greedy(engines["fp32"], p, 32), await greedy(engines[label], p, 32)
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         same_prefix += n
         total += len(a)
     for e in engines.values():
         e.stop()
-    table = Table(title=f"{args.precision} vs fp32 on {files.name} ({len(ref)} teacher-forced positions)")
+    table = Table(title=f"{label} vs fp32 on {files.name} ({len(ref)} teacher-forced positions)")
     for col in ("metric", "value"):
         table.add_column(col)
     table.add_row("top-1 agreement", f"{top1:.1%}")
     table.add_row("mean |Δ logprob| of the actual token", f"{dlp:.4f} nats")
-    table.add_row("perplexity fp32 -> " + args.precision, f"{2.718281828 ** nll_ref:.2f} -> {2.718281828 ** nll_low:.2f}")
+    table.add_row("perplexity fp32 -> " + label, f"{2.718281828 ** nll_ref:.2f} -> {2.718281828 ** nll_low:.2f}")
     table.add_row("greedy tokens identical before first divergence", f"{same_prefix}/{total}")
     Console().print(table)
 
@@ -83,6 +87,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precision", choices=["bf16", "fp16"], default="bf16")
     ap.add_argument("--model", default="default")
+    ap.add_argument("--quantization", choices=["fp8"], default=None, help="FP8 weights (per-channel scales)")
+    ap.add_argument("--kv-cache-dtype", choices=["fp8_e4m3", "fp8_e5m2"], default=None)
     asyncio.run(main_async(ap.parse_args()))
 
 

@@ -97,7 +97,8 @@ REMOTE_BACKENDS = ("sglang", "vllm")
 # Settings of the sglang / vllm engines (read by the planner) and the values the native engine honours
 # trivially; any other value with the native backend is rejected.
 GPU_FIELDS: dict[str, tuple[Any, ...]] = {
-    "tp_size": (None, 1), "quantization": (None,), "kv_cache_dtype": (None, "auto"), "mem_fraction_static": (None,),
+    "tp_size": (None, 1), "quantization": (None, "fp8"), "kv_cache_dtype": (None, "auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+    "mem_fraction_static": (None,),
     "schedule_conservativeness": (None,), "enable_metrics": (True,), "enable_p2p_check": (False,),
     "enable_torch_compile": (False,), "h100_only": (False,), "auto_use_fp8_on_h100": (True, False),
     "pd": ("auto", "off"), "pd_bootstrap_port": (None,), "pd_ib_device": (None,), "pd_transfer_backend": (None,),
@@ -431,7 +432,8 @@ def check_backend(cfg: ServeConfig, sources: Mapping[str, str] | None = None) ->
     if cfg.backend == "native":
         if cfg.precision == "fp8":
             raise ConfigError(f"precision 'fp8' (from {src('precision')}) needs --backend sglang or vllm; the "
-                              "native engine runs one of auto, fp32, bf16, fp16", "precision", src("precision"))
+                              "native engine runs one of auto, fp32, bf16, fp16 (FP8 weights: --quantization fp8)", "precision",
+                              src("precision"))
         for field, honoured in GPU_FIELDS.items():
             value = getattr(cfg, field)
             if value not in honoured:

@@ -150,10 +150,12 @@ def serve(
         "--tp-size", help="GPUs per engine (tensor parallelism; env TP_SIZE). Setting it turns off the automatic "
         "PD split. \\[default: the largest the model and GPUs allow]", rich_help_panel=_GPU)] = None,
     quantization: Annotated[str | None, typer.Option(
-        help="Engine quantization method (fp8, awq, gptq, ...). \\[default: fp8 on H100/H200 with precision auto]",
+        help="Engine quantization method: fp8 with the native engine (FP8 weights, per-channel scales); fp8, awq, "
+        "gptq, ... with sglang/vllm. \\[default: none native; fp8 on H100/H200 with precision auto for sglang/vllm]",
         rich_help_panel=_GPU)] = None,
     kv_cache_dtype: Annotated[str | None, typer.Option(
-        help="KV cache dtype (auto, fp8_e5m2, fp8_e4m3, ...). \\[default: fp8_e5m2 with FP8, else the model's]",
+        help="KV cache dtype (auto, fp8_e4m3, fp8_e5m2, ...): fp8 halves KV memory vs bf16. \\[default: the model's; "
+        "fp8_e5m2 with FP8 on sglang/vllm]",
         rich_help_panel=_GPU)] = None,
     mem_fraction_static: Annotated[float | None, typer.Option(
         help="Fraction of each GPU's memory for weights + KV cache. \\[default: 0.85 sglang, 0.90 vllm]",

@@ -42,7 +42,8 @@ def engine_config(cfg: ServeConfig) -> EngineConfig:
     return EngineConfig(max_model_len=cfg.max_model_len, max_batch_tokens=cfg.max_batch_tokens,
                         max_running_seqs=cfg.max_running_seqs, kv_cache_tokens=cfg.kv_cache_tokens,
                         block_size=cfg.block_size, max_queue_len=cfg.max_queue_len,
-                        enable_prefix_caching=cfg.enable_prefix_caching, kv_cache_memory=cfg.kv_cache_memory)
+                        enable_prefix_caching=cfg.enable_prefix_caching, kv_cache_memory=cfg.kv_cache_memory,
+                        quantization=cfg.quantization, kv_cache_dtype=cfg.kv_cache_dtype)
 
 
 def load_engine(state: WorkerState, progress: bool = False) -> None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import psutil
 import torch
 
+from fleetserve.engine.native.fp8 import kv_storage_dtype
 from fleetserve.engine.native.block_manager import BlockManager
 from fleetserve.engine.native.kv_cache import KVCache
 from fleetserve.engine.native.loader import load_model
@@ -54,6 +55,8 @@ class EngineConfig:
     max_queue_len: int = 256
     enable_prefix_caching: bool = True
     kv_cache_memory: int | None = None  # bytes; used when kv_cache_tokens is not given
+    quantization: str | None = None  # "fp8": FP8 weights with per-channel scales (fp8.py)
+    kv_cache_dtype: str | None = None  # None/"auto": the model dtype; "fp8", "fp8_e4m3", "fp8_e5m2"
 
 
 class NativeEngine:
@@ -61,11 +64,12 @@ class NativeEngine:
                  device: torch.device, dtype: torch.dtype):
         self.model_cfg, self.cfg = model_cfg, cfg
         self.device, self.dtype = device, dtype
+        self.kv_dtype = kv_storage_dtype(cfg.kv_cache_dtype, dtype)
         self.max_model_len = min(cfg.max_model_len or model_cfg.max_position_embeddings, model.max_len)
         if cfg.max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be at least 1")
         num_blocks = self._num_kv_blocks()
-        self.kv_cache = KVCache(model_cfg, num_blocks, cfg.block_size, dtype, device)
+        self.kv_cache = KVCache(model_cfg, num_blocks, cfg.block_size, self.kv_dtype, device)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_batch_tokens, cfg.max_running_seqs)
         self.runner = ModelRunner(model, self.kv_cache, self.block_manager, eos_ids, device)
@@ -79,20 +83,21 @@ class NativeEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._stats = EngineStats(kv_blocks_total=num_blocks)
-        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), max_model_len %d",
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s), max_model_len %d",
                  num_blocks, cfg.block_size, num_blocks * cfg.block_size,
-                 num_blocks * KVCache.bytes_per_block(model_cfg, cfg.block_size, dtype) / 2**20,
-                 self.max_model_len)
+                 num_blocks * KVCache.bytes_per_block(model_cfg, cfg.block_size, self.kv_dtype) / 2**20,
+                 str(self.kv_dtype).removeprefix("torch."), self.max_model_len)
 
     @classmethod
     def load(cls, fmt: str, path: Path, eos_ids: list[int], cfg: EngineConfig, device: torch.device,
              dtype: torch.dtype, progress: bool = False) -> NativeEngine:
-        model, model_cfg = load_model(fmt, path, device, dtype, cfg.max_model_len, progress=progress)
+        model, model_cfg = load_model(fmt, path, device, dtype, cfg.max_model_len, progress=progress,
+                                      quantization=cfg.quantization)
         return cls(model, model_cfg, eos_ids, cfg, device, dtype)
 
     def _num_kv_blocks(self) -> int:
         bs = self.cfg.block_size
-        per_block = KVCache.bytes_per_block(self.model_cfg, bs, self.dtype)
+        per_block = KVCache.bytes_per_block(self.model_cfg, bs, self.kv_dtype)
         if self.cfg.kv_cache_tokens is not None:
             tokens = self.cfg.kv_cache_tokens
             if tokens < self.max_model_len:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -10,10 +11,12 @@ from fleetserve.engine.native.model import LlamaModel
 from fleetserve.engine.native.model_config import ModelConfig
 from fleetserve.engine.native.weights import load_model_config_and_weights
 
+log = logging.getLogger("fleetserve.engine")
+
 
 def load_model(
     fmt: str, path: Path, device: torch.device, dtype: torch.dtype, max_len: int | None = None,
-    progress: bool = False,
+    progress: bool = False, quantization: str | None = None,
 ) -> tuple[LlamaModel, ModelConfig]:
     cfg, weights = load_model_config_and_weights(fmt, path, progress)
     max_len = max_len or cfg.max_position_embeddings
@@ -24,5 +27,11 @@ def load_model(
     model.to(dtype=dtype)
     model.init_rope(device)
     model.eval().requires_grad_(False)
+    if quantization == "fp8":
+        done, skipped = model.quantize_fp8()
+        log.info("FP8 weights: %d linear layers quantized, %d kept (dimensions not multiples of 16)%s",
+                 done, skipped, "; on CPU FP8 matmuls are emulated (slow)" if device.type == "cpu" else "")
+    elif quantization is not None:
+        raise ValueError(f"quantization {quantization!r} is not supported by the native engine (only fp8)")
     model.prepack()
     return model, cfg

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fleetserve.engine.native import fp8
 from fleetserve.engine.native.attention import AttentionMetadata, paged_attention
 from fleetserve.engine.native.model_config import ModelConfig
 from fleetserve.engine.native.rope import apply_rope, rope_cache
@@ -37,13 +38,25 @@ class Linear(nn.Linear):
     """
 
     packed: torch.Tensor | None = None
+    qweight: torch.Tensor | None = None  # FP8 weight and its per-channel scale (fp8.py)
+    w_scale: torch.Tensor | None = None
 
     def prepack(self, batch_hint: int = 16) -> None:
-        if not (_ONEDNN and self.weight.device.type == "cpu" and self.weight.dtype in _ONEDNN_DTYPES):
+        if self.qweight is not None or not (
+                _ONEDNN and self.weight.device.type == "cpu" and self.weight.dtype in _ONEDNN_DTYPES):
             return
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
 
+    def quantize_fp8(self) -> bool:
+        if not fp8.fp8_supported(self.in_features, self.out_features):
+            return False
+        self.qweight, self.w_scale = fp8.quantize_weight(self.weight.detach())
+        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)  # the fp8 copy replaces it
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return fp8.fp8_linear(x, self.qweight, self.w_scale, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if _ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:
@@ -140,6 +153,11 @@ class LlamaModel(nn.Module):
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
         return self.norm(x)
+
+    def quantize_fp8(self) -> tuple[int, int]:
+        """FP8 weights for the decoder layers (the LM head and embeddings stay). Returns (done, skipped)."""
+        done = [m.quantize_fp8() for m in self.layers.modules() if isinstance(m, Linear)]
+        return sum(done), len(done) - sum(done)
 
     def prepack(self) -> None:
         for m in self.modules():
