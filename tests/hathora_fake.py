@@ -36,6 +36,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tests.net import free_port
+
 REGIONS = ("Seattle", "Los_Angeles", "Washington_DC", "Chicago", "London", "Frankfurt", "Mumbai", "Singapore",
            "Tokyo", "Sydney", "Sao_Paulo", "Dallas", "Johannesburg", "Dubai")
 METRICS = ("cpu", "memory", "rateEgress", "totalEgress", "activeConnections", "gpuMemory", "gpuUtilization")
@@ -45,11 +47,6 @@ MAX_MEMORY_MB = 8192  # Hathora's default cap on requestedMemoryMB
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Strict(BaseModel):

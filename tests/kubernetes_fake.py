@@ -18,7 +18,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from tests.hathora_fake import free_port
+from tests.net import free_port
 
 K8S_VERSION = "1.37.0"
 KINDS = {("", "secrets"): ("v1", "Secret"), ("", "services"): ("v1", "Service"),

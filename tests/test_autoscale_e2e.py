@@ -11,7 +11,8 @@ import time
 import httpx
 import pytest
 
-from tests.test_platform_e2e import _free_port, _start_up, _wait, platform_home  # noqa: F401 (fixture)
+from tests.net import free_port as _free_port
+from tests.test_platform_e2e import _start_up, _wait, platform_home  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -7,17 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from typer.testing import CliRunner
@@ -29,34 +25,12 @@ from fleetserve.bench.metrics import SLO, RequestRecord, distribution, percentil
 from fleetserve.bench.report import tables, to_json, write_plots
 from fleetserve.bench.runner import BenchConfig, run
 from fleetserve.cli import app
+from tests.net import free_port, serve_in_thread
 
 TOL = 0.015  # seconds: scheduling jitter allowed on one timed value (the server sleeps to absolute deadlines)
 runner = CliRunner()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serve_in_thread(app_: FastAPI):
-    port = free_port()
-    config = uvicorn.Config(app_, host="127.0.0.1", port=port, log_config=None, access_log=False)
-    config.install_signal_handlers = False
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="bench-test-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 # ---------------------------------------------------------------- the scripted server

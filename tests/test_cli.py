@@ -62,11 +62,6 @@ def fake_model(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture
 def no_gpu(monkeypatch):

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.net import free_port
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the `test` extra)")
 expect = playwright_api.expect
@@ -39,15 +39,10 @@ if not Path(CHROMIUM).exists():
 
 # ---- the platform as a real process ----------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class PlatformProcess:
     def __init__(self, home: Path, log: Path, api_key: str | None = None):
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log = log

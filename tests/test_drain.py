@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,15 +17,11 @@ import pytest
 import uvicorn
 
 from fleetserve.server.drain import DrainingServer, drain, outstanding
+from tests.net import free_port
 from tests.worker_apps import STORY, client, make_app, value
 
 COMPLETION = {"prompt": STORY, "temperature": 0, "ignore_eos": True}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_draining_worker_refuses_new_work_and_is_not_ready(default_engine, tokenizer):

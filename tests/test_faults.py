@@ -31,7 +31,6 @@ import httpx
 import psutil
 import pytest
 import torch
-import uvicorn
 
 from fleetserve import logs
 from fleetserve.config import ServeConfig
@@ -39,37 +38,13 @@ from fleetserve.engine.native.engine import EngineConfig, NativeEngine
 from fleetserve.models import resolve_model
 from fleetserve.server.app import create_app, new_state
 from fleetserve.tokenizer import Tokenizer
+from tests.net import free_port, serve_in_thread
 from tests.reference import write_tiny_checkpoint
 from tests.worker_apps import value
 
 STORY = "Once upon a time"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serve_in_thread(app):
-    """The app under uvicorn on a loopback port, in a background thread; yields its base URL."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                            log_level="warning", timeout_graceful_shutdown=2)
-    config.install_signal_handlers = False
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"faults-uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")

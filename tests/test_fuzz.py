@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -29,7 +28,6 @@ import httpx
 import pytest
 import schemathesis
 import torch
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,6 +41,7 @@ from fleetserve.gateway.router import Gateway
 from fleetserve.models import ModelFiles, resolve_model
 from fleetserve.server.app import create_app, new_state
 from fleetserve.tokenizer import Tokenizer
+from tests.net import serve_in_thread
 from tests.reference import write_tiny_checkpoint
 
 REQUEST_TIMEOUT_S = 30.0  # an answer slower than this counts as a hang
@@ -57,31 +56,6 @@ GENERATION_CAP = 8  # tokens per fuzzed generation: the budget goes into input v
 # ---- servers ------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serve_in_thread(app):
-    """The app under uvicorn on a loopback port, in a background thread (lifespan included); yields its URL."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                            log_level="warning", timeout_graceful_shutdown=2)
-    config.install_signal_handlers = False
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"fuzz-uvicorn-{port}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from fleetserve.control.providers.hathora_client import (
     HathoraUnavailable,
     HathoraValidationError,
 )
-from tests.hathora_fake import FakeHathora, free_port
+from tests.hathora_fake import FakeHathora
+from tests.net import free_port
 
 
 @pytest.fixture

@@ -8,16 +8,12 @@ the whole token sequence); lm-evaluation-harness's `local-completions` request a
 from __future__ import annotations
 
 import dataclasses
-import socket
-import threading
-import time
 from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -25,6 +21,7 @@ from fleetserve.config import ServeConfig
 from fleetserve.models import resolve_model
 from fleetserve.server.app import create_app, new_state
 from fleetserve.server.routes_batch import BatchLimits, encode_pair
+from tests.net import serve_in_thread
 
 LL_TOL = 1e-3  # nats
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -43,11 +40,6 @@ PAIRS = [
     ("The capital of France is", " a banana"),
 ]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -71,20 +63,8 @@ def live(default_engine, tokenizer):
     state = new_state(ServeConfig(), resolve_model("default", download=False))
     state.engine, state.tokenizer = default_engine, tokenizer
     app = create_app(state, load=False)
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None, access_log=False)
-    config.install_signal_handlers = False
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="test-uvicorn-batch", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield Live(f"http://127.0.0.1:{config.port}", state.served_model_name, app, default_engine, tokenizer)
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serve_in_thread(app) as url:
+        yield Live(url, state.served_model_name, app, default_engine, tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import OpenAI
+from tests.net import free_port
 
 pytestmark = pytest.mark.slow
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_up(home: Path, port: int, log: Path) -> subprocess.Popen:
@@ -63,7 +58,7 @@ def platform_home(tmp_path, default_gguf):
 
 
 def test_deploy_chat_restart_replace_delete(platform_home, tmp_path):
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "up.log"
     up = _start_up(platform_home, port, log)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,17 +22,13 @@ import pytest
 from fleetserve.engine.remote import metrics_translate as mt
 from fleetserve.engine.remote.launcher import EngineLauncher, LaunchError
 from fleetserve.planner.types import Process
+from tests.net import free_port
 
 FIXTURES = Path(__file__).parent / "fixtures" / "remote"
 SGLANG_METRICS = (FIXTURES / "sglang_metrics.txt").read_text()
 VLLM_METRICS = (FIXTURES / "vllm_metrics.txt").read_text()
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- metrics translation (recorded samples)

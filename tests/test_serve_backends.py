@@ -29,6 +29,7 @@ from fleetserve.config import load_serve_config
 from fleetserve.planner.hardware import Hardware, detect_hardware, synthetic_hardware
 from fleetserve.planner.serve import plan_for_config, plan_spec
 from fleetserve.planner.types import PlanError
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -56,11 +57,6 @@ FAKE_ENGINE = textwrap.dedent("""
     runpy.run_path(sys.argv[0], run_name="__main__")
 """)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

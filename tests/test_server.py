@@ -7,10 +7,8 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,23 +16,18 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from fleetserve.config import ServeConfig
 from fleetserve.models import resolve_model
 from fleetserve.server.app import create_app, new_state
 from fleetserve.server.state import WorkerState
+from tests.net import free_port, serve_in_thread
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 PARIS = "The capital of France is Paris."
 STORY = "Once upon a time"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -55,24 +48,8 @@ def live(default_engine, tokenizer):
     """The real app (shared session engine) served by uvicorn in a background thread."""
     state = new_state(ServeConfig(), resolve_model("default", download=False))
     state.engine, state.tokenizer = default_engine, tokenizer
-    app = create_app(state, load=False)
-    port = free_port()
-    # log_config=None: uvicorn's loggers propagate to the root logger, so caplog sees server errors
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
-    config.install_signal_handlers = False  # not the main thread
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield Live(f"http://127.0.0.1:{port}", state.served_model_name, state, default_engine, tokenizer)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive()
+    with serve_in_thread(create_app(state, load=False)) as url:
+        yield Live(url, state.served_model_name, state, default_engine, tokenizer)
 
 
 def wait_idle(engine, timeout: float = 10.0) -> None:

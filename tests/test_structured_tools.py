@@ -10,9 +10,6 @@ shapes are the SDK's.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,7 +18,6 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from pydantic import BaseModel, Field
 
 from fleetserve.config import ServeConfig
@@ -36,6 +32,7 @@ from fleetserve.server.tools import (
     template_messages,
 )
 from fleetserve.tokenizer import Tokenizer
+from tests.net import serve_in_thread
 from tests.reference import write_tiny_checkpoint
 
 try:
@@ -152,24 +149,8 @@ def _serve(engine, tokenizer, model: str | None = None) -> Iterator[Live]:
     files = resolve_model("default", download=False)
     state = new_state(ServeConfig(served_model_name=model) if model else ServeConfig(), files)
     state.engine, state.tokenizer = engine, tokenizer
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(state, load=False), host="127.0.0.1", port=port, log_config=None,
-                            access_log=False)
-    config.install_signal_handlers = False
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield Live(f"http://127.0.0.1:{port}", state.served_model_name, tokenizer)
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serve_in_thread(create_app(state, load=False)) as url:
+        yield Live(url, state.served_model_name, tokenizer)
 
 
 @pytest.fixture(scope="module")
