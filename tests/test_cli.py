@@ -61,7 +61,10 @@ def fake_model(monkeypatch, tmp_path):
     return calls
 
 
-@pytest.fixture
+@pytest.fixture(name="free_port")
+def free_port_fixture() -> int:
+    return net.free_port()
+
 
 @pytest.fixture
 def no_gpu(monkeypatch):
