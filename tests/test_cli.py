@@ -18,6 +18,7 @@ import fleetserve.models
 from fleetserve import __version__
 from fleetserve.cli import app
 from fleetserve.models import ModelFiles, ModelResolutionError
+from tests import net
 
 TOKEN = "hf_abcdefghijklmnopqrstuvwxyz123456"
 _ENV_PREFIXES = ("FLEETSERVE_", "HATHORA_", "HF_")
