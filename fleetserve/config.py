@@ -179,6 +179,33 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
+def normalise_choice(field: str, value: Any) -> Any:
+    """The spellings users write for enum-like settings (any case, aliases, booleans for pd); shared by
+    ServeConfig and the planner's PlanSpec so both read a file or env the same way."""
+    if isinstance(value, bool) and field == "pd":
+        return "on" if value else "off"
+    if not isinstance(value, str):
+        return value
+    value = value.strip().lower()
+    if field == "precision":
+        return _PRECISION_ALIASES.get(value, value)
+    if field == "log_level":
+        return _LOG_LEVEL_ALIASES.get(value, value)
+    if field == "pd":
+        return "on" if value in _TRUE else "off" if value in _FALSE else value
+    if field == "speculative":
+        return "none" if value in ("", "none", "null", "off", "false") else value
+    return value
+
+
+def none_words(value: Any) -> Any:
+    """'', 'none' and 'null' mean unset (quantization, kv_cache_dtype)."""
+    if isinstance(value, str):
+        value = value.strip().lower()
+        return None if value in ("", "none", "null") else value
+    return value
+
+
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
                "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
 
@@ -270,28 +297,12 @@ class ServeConfig(BaseModel):
                      mode="before")
     @classmethod
     def _lower(cls, value: Any, info) -> Any:
-        if isinstance(value, bool) and info.field_name == "pd":
-            return "on" if value else "off"
-        if not isinstance(value, str):
-            return value
-        value = value.strip().lower()
-        if info.field_name == "precision":
-            return _PRECISION_ALIASES.get(value, value)
-        if info.field_name == "log_level":
-            return _LOG_LEVEL_ALIASES.get(value, value)
-        if info.field_name == "pd":
-            return "on" if value in _TRUE else "off" if value in _FALSE else value
-        if info.field_name == "speculative":
-            return "none" if value in ("", "none", "null", "off", "false") else value
-        return value
+        return normalise_choice(info.field_name, value)
 
     @field_validator("quantization", "kv_cache_dtype", mode="before")
     @classmethod
     def _none_words(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = value.strip().lower()
-            return None if value in ("", "none", "null") else value
-        return value
+        return none_words(value)
 
     @field_validator("max_model_len", "max_batch_tokens", "max_running_seqs", "kv_cache_tokens", "block_size",
                      "max_queue_len", "port", "max_body_bytes", "tp_size", "pd_bootstrap_port", "engine_port",

@@ -325,8 +325,8 @@ def test_yaml_file_errors(yaml_file, tmp_path):
 
 @pytest.mark.parametrize("cli, env, field, source", [
     ({}, {"TP_SIZE": "2"}, "tp_size", "env TP_SIZE"),
-    ({}, {"DEPLOYMENT_CONFIG_JSON": '{"quantization": "fp8"}'}, "quantization", "DEPLOYMENT_CONFIG_JSON"),
-    ({"kv_cache_dtype": "fp8_e5m2"}, {}, "kv_cache_dtype", "cli"),
+    ({}, {"DEPLOYMENT_CONFIG_JSON": '{"quantization": "awq"}'}, "quantization", "DEPLOYMENT_CONFIG_JSON"),
+    ({"kv_cache_dtype": "int8"}, {}, "kv_cache_dtype", "cli"),
     ({}, {"SPECULATIVE_ALGORITHM": "EAGLE"}, "speculative", "env SPECULATIVE_ALGORITHM"),
     ({}, {"H100_ONLY": "true"}, "h100_only", "env H100_ONLY"),
     ({"pd": "on"}, {}, "pd", "cli"),

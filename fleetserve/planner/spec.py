@@ -19,44 +19,18 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from fleetserve import config
 from fleetserve.planner.types import PlanSpec
 
 FIELDS = tuple(PlanSpec.model_fields)
 
-# Seed env names (seeds 000-002) -> PlanSpec field.
-SEED_ENV = {
-    "MODEL_PATH": "model",
-    "TP_SIZE": "tp_size",
-    "MAX_TOTAL_TOKENS": "max_total_tokens",
-    "LOG_LEVEL": "log_level",
-    "PORT": "port",
-    "HOST": "host",
-    "H100_ONLY": "h100_only",
-    "ENABLE_PD_DEFAULTS": "pd",  # true = auto (seed 002's gate decides), false = off
-    "DISAGG_BOOTSTRAP_PORT": "pd_bootstrap_port",
-    "DISAGG_IB_DEVICE": "pd_ib_device",
-    "DISAGG_TRANSFER_BACKEND": "pd_transfer_backend",
-    "SPECULATIVE_ALGORITHM": "speculative",
-    "SPECULATIVE_NUM_STEPS": "speculative_num_steps",
-    "SPECULATIVE_EAGLE_TOPK": "speculative_eagle_topk",
-    "SPECULATIVE_NUM_DRAFT_TOKENS": "speculative_num_draft_tokens",
-    "SPECULATIVE_TOKEN_MAP": "speculative_token_map",
-    "SPECULATIVE_ATTENTION_MODE": "speculative_attention_mode",
-    "SPECULATIVE_DRAFT_MODEL_PATH": "speculative_draft_model_path",
-}
-
-# Seed 000's DEPLOYMENT_CONFIG_JSON keys that differ from field names.
+# The worker's seed env names and nested file shapes, read the planner's way: only the settings a plan uses,
+# and MAX_TOTAL_TOKENS under SGLang's own name.
+SEED_ENV = {env: {"kv_cache_tokens": "max_total_tokens"}.get(field, field) for env, field in config.SEED_ENV.items()}
+SEED_ENV = {env: field for env, field in SEED_ENV.items() if field in FIELDS}
 SEED_JSON_KEYS = {"model_id": "model", "model_path": "model", "dtype": "precision"}
 SECRET_KEYS = {"hf_token"}  # accepted in files (seed 000), never part of the spec or the plan
-_NESTED = {
-    "gpu": {"type": "gpu_type", "count": "gpu_count"},
-    "speculative": {"algorithm": "speculative", "num_steps": "speculative_num_steps",
-                    "eagle_topk": "speculative_eagle_topk", "num_draft_tokens": "speculative_num_draft_tokens",
-                    "token_map": "speculative_token_map", "attention_mode": "speculative_attention_mode",
-                    "draft_model_path": "speculative_draft_model_path"},
-    "pd": {"enabled": "pd", "bootstrap_port": "pd_bootstrap_port", "ib_device": "pd_ib_device",
-           "transfer_backend": "pd_transfer_backend"},
-}
+_NESTED = {"gpu": {"type": "gpu_type", "count": "gpu_count"}, **config.NESTED}
 
 
 class PlanConfigError(ValueError):

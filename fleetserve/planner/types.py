@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fleetserve.config import none_words, normalise_choice
+
 Backend = Literal["native", "sglang", "vllm"]
 Role = Literal["unified", "prefill", "decode", "router"]
 
@@ -15,10 +17,6 @@ SPEC_DEFAULTS = {"num_steps": 2, "eagle_topk": 6, "num_draft_tokens": 10}  # see
 PD_GPU_COUNTS = (2, 4, 8)
 DEFAULT_BOOTSTRAP_PORT = 8998
 DEFAULT_ENGINE_PORT = 30000
-_PRECISION_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
-                      "float8": "fp8"}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 class PlanError(ValueError):
@@ -71,28 +69,12 @@ class PlanSpec(BaseModel):
     @field_validator("precision", "speculative", "log_level", "pd", "speculative_attention_mode", mode="before")
     @classmethod
     def _lower(cls, value: Any, info) -> Any:
-        if isinstance(value, bool) and info.field_name == "pd":
-            return "on" if value else "off"
-        if not isinstance(value, str):
-            return value
-        value = value.strip().lower()
-        if info.field_name == "precision":
-            return _PRECISION_ALIASES.get(value, value)
-        if info.field_name == "speculative":
-            return "none" if value in ("", "none", "null", "off", "false") else value
-        if info.field_name == "pd":
-            return "on" if value in _TRUE else "off" if value in _FALSE else value
-        if info.field_name == "log_level":
-            return {"warn": "warning"}.get(value, value)
-        return value
+        return normalise_choice(info.field_name, value)
 
     @field_validator("kv_cache_dtype", "quantization", mode="before")
     @classmethod
     def _none_words(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = value.strip().lower()
-            return None if value in ("", "none", "null") else value
-        return value
+        return none_words(value)
 
     @field_validator("tp_size", "max_model_len", "max_total_tokens", "max_queued_requests", "port", "engine_port",
                      "pd_bootstrap_port", "speculative_num_steps", "speculative_eagle_topk",
