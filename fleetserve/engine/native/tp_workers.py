@@ -146,9 +146,9 @@ def launch(fmt: str, path: Path, device: torch.device, dtype: torch.dtype, max_l
             p.join(2)
         destroy_tensor_parallel()
         raise
-    log.info("tensor parallelism: %d ranks (%s), %d query + %d KV heads per rank; ranks 1-%d are processes %s",
+    log.info("tensor parallelism: %d ranks (%s), %d query + %d KV heads per rank; worker pids %s",
              tp_size, "nccl" if device.type == "cuda" else "gloo", cfg.num_heads // tp_size,
-             max(1, cfg.num_kv_heads // tp_size), tp_size - 1, ", ".join(str(p.pid) for p in procs))
+             max(1, cfg.num_kv_heads // tp_size), ", ".join(str(p.pid) for p in procs))
     return TensorParallelModel(model, procs, dev0), cfg
 
 
