@@ -95,9 +95,10 @@ NESTED = {
 
 REMOTE_BACKENDS = ("sglang", "vllm")
 # Settings of the sglang / vllm engines (read by the planner) and the values the native engine honours
-# trivially; any other value with the native backend is rejected.
+# trivially; any other value with the native backend is rejected. (tp_size is honoured by every backend: the
+# native engine runs one process per rank, gloo on CPU, nccl on CUDA.)
 GPU_FIELDS: dict[str, tuple[Any, ...]] = {
-    "tp_size": (None, 1), "quantization": (None, "fp8"), "kv_cache_dtype": (None, "auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+    "quantization": (None, "fp8"), "kv_cache_dtype": (None, "auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
     "mem_fraction_static": (None,),
     "schedule_conservativeness": (None,), "enable_metrics": (True,), "enable_p2p_check": (False,),
     "enable_torch_compile": (False,), "h100_only": (False,), "auto_use_fp8_on_h100": (True, False),
@@ -145,7 +146,7 @@ ALLOWED = {
     "metrics_auth": "true or false",
     "log_file": "a file path (its directory is created if missing)",
     "drain_timeout_s": "a number of seconds >= 0",
-    "tp_size": "an integer from 1 to 64 (GPUs per engine)",
+    "tp_size": "an integer from 1 to 64 (GPUs per engine; with the native engine on CPU, processes)",
     "quantization": "an engine quantization method (fp8, awq, gptq, ...)",
     "kv_cache_dtype": "a KV cache dtype (auto, fp8_e5m2, fp8_e4m3, bf16, ...)",
     "mem_fraction_static": "a fraction between 0 and 1 (of each GPU's memory for weights + KV cache)",

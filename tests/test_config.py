@@ -324,7 +324,6 @@ def test_yaml_file_errors(yaml_file, tmp_path):
 
 
 @pytest.mark.parametrize("cli, env, field, source", [
-    ({}, {"TP_SIZE": "2"}, "tp_size", "env TP_SIZE"),
     ({}, {"DEPLOYMENT_CONFIG_JSON": '{"quantization": "awq"}'}, "quantization", "DEPLOYMENT_CONFIG_JSON"),
     ({"kv_cache_dtype": "int8"}, {}, "kv_cache_dtype", "cli"),
     ({}, {"SPECULATIVE_ALGORITHM": "EAGLE"}, "speculative", "env SPECULATIVE_ALGORITHM"),
@@ -348,6 +347,8 @@ def test_native_backend_rejects_fp8_and_accepts_what_it_honours():
     # seed 001's TP_SIZE=1, ENABLE_PD_DEFAULTS=false and kv_cache_dtype auto ask nothing of the native engine
     cfg, _ = load_serve_config({}, env={"TP_SIZE": "1", "ENABLE_PD_DEFAULTS": "false", "FLEETSERVE_KV_CACHE_DTYPE": "auto"})
     assert (cfg.backend, cfg.tp_size, cfg.pd, cfg.kv_cache_dtype) == ("native", 1, "off", "auto")
+    # tensor parallelism is the native engine's too (one process per rank); the model is checked at load
+    assert load_serve_config({}, env={"TP_SIZE": "2"})[0].tp_size == 2
     assert load_serve_config({"precision": "fp8", "backend": "vllm"}, env={})[0].precision == "fp8"
 
 

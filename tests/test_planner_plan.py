@@ -355,7 +355,18 @@ def test_native_plan_is_the_fleetserve_worker():
     gpu = make(LLAMA8B, "H100", 2, backend="native")
     assert flag(gpu.processes[0].argv, "--precision") == "bf16" and gpu.processes[0].env == {"CUDA_VISIBLE_DEVICES": "0"}
     assert any("native engine uses one GPU" in w for w in gpu.warnings)
-    for bad, msg in (({"tp_size": 2}, "native engine runs on one device"),
+    tp2 = make(LLAMA8B, "H100", 2, backend="native", tp_size=2)
+    (proc,) = tp2.processes
+    assert (flag(proc.argv, "--tp-size"), proc.env, proc.gpus, proc.tp_size) == ("2", {"CUDA_VISIBLE_DEVICES": "0,1"},
+                                                                                [0, 1], 2)
+    assert not tp2.warnings or not any("stay unused" in w for w in tp2.warnings)
+    cpu_tp = make("default", None, backend="native", tp_size=3)  # SmolLM2: 9 query / 3 KV heads
+    assert flag(cpu_tp.processes[0].argv, "--tp-size") == "3" and cpu_tp.processes[0].env == {}
+    with pytest.raises(PlanError, match="its 9 attention heads are not divisible by 2"):
+        make("default", None, backend="native", tp_size=2)
+    with pytest.raises(PlanError, match=r"tp_size 3 is not possible .*valid TP sizes: 1, 2, 4, 8"):
+        make(LLAMA8B, "H100", 4, backend="native", tp_size=3)
+    for bad, msg in (({"tp_size": 4}, "tp_size 4 needs 4 GPUs"),
                      ({"speculative": "ngram"}, "speculative decoding is not available with the native engine"),
                      ({"precision": "fp8"}, "fp8 is not available with the native engine")):
         with pytest.raises(PlanError, match=msg):

@@ -27,7 +27,7 @@ The worker answers /v1/chat/completions, /v1/completions and /v1/models (streami
 
 With --api-key (or FLEETSERVE_API_KEY) every route except /health, /healthz, /readyz and (unless --metrics-auth) /metrics requires 'Authorization: Bearer <key>'; with no key configured nothing requires one. Every request gets an X-Request-ID (the caller's, or a new one) that appears in its log lines. On SIGTERM or SIGINT the worker drains: /readyz turns 503, new requests get 503, requests in flight finish (up to --drain-timeout seconds), then it exits 0; a second signal exits at once.
 
-With --backend sglang or vllm the worker detects the GPUs, plans precision, tensor parallelism, PD disaggregation and speculative decoding, starts the engine processes, forwards /v1 to them (streams untouched) and keeps its own /health, /readyz, /metrics (the engine's series plus fleetserve's) and /logs. Without NVIDIA GPUs, or when no plan fits, it exits 2 with the reason. Settings one backend cannot honour are rejected, not ignored (e.g. --tp-size with the native engine, --max-batch-tokens with sglang).
+With --backend sglang or vllm the worker detects the GPUs, plans precision, tensor parallelism, PD disaggregation and speculative decoding, starts the engine processes, forwards /v1 to them (streams untouched) and keeps its own /health, /readyz, /metrics (the engine's series plus fleetserve's) and /logs. Without NVIDIA GPUs, or when no plan fits, it exits 2 with the reason. Settings one backend cannot honour are rejected, not ignored (e.g. --quantization with the native engine, --max-batch-tokens with sglang).
 
 Every option can also come from the environment or a file. Precedence, highest first: command-line flags, FLEETSERVE_<FIELD> variables (e.g. FLEETSERVE_PORT, FLEETSERVE_BACKEND), the seed names MODEL_PATH, PORT, HOST, LOG_LEVEL, MAX_TOTAL_TOKENS, HF_TOKEN, TP_SIZE, H100_ONLY, ENABLE_PD_DEFAULTS, DISAGG_BOOTSTRAP_PORT, DISAGG_IB_DEVICE, DISAGG_TRANSFER_BACKEND and SPECULATIVE_*, HATHORA_DEFAULT_PORT (port only), DEPLOYMENT_CONFIG_JSON, the YAML file given with --config, then built-in defaults. Use --print-config to see the value and source of every setting (and the plan, with sglang or vllm), and --dry-run to check the config, model, port and device (or the plan, ports and engine install) without serving.
 """
@@ -148,7 +148,9 @@ def serve(
         dir_okay=False)] = None,
     tp_size: Annotated[int | None, typer.Option(
         "--tp-size", help="GPUs per engine (tensor parallelism; env TP_SIZE). Setting it turns off the automatic "
-        "PD split. \\[default: the largest the model and GPUs allow]", rich_help_panel=_GPU)] = None,
+        "PD split. The native engine runs one process per rank (one per GPU; on CPU, gloo processes); the model's "
+        "heads must divide by it. \\[default: the largest the model and GPUs allow; native: 1]",
+        rich_help_panel=_GPU)] = None,
     quantization: Annotated[str | None, typer.Option(
         help="Engine quantization method: fp8 with the native engine (FP8 weights, per-channel scales); fp8, awq, "
         "gptq, ... with sglang/vllm. \\[default: none native; fp8 on H100/H200 with precision auto for sglang/vllm]",

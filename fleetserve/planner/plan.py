@@ -528,32 +528,42 @@ def _pd_plan(ctx: _Ctx, s: EngineSettings, layout: tuple[_Group, _Group]) -> Pla
 
 def _native_plan(ctx: _Ctx, s: EngineSettings) -> Plan:
     spec, hw, mi = ctx.spec, ctx.hw, ctx.mi
-    if spec.tp_size not in (None, 1):
-        raise PlanError(f"tp_size {spec.tp_size}{ctx.src('tp_size')}: the native engine runs on one device (no "
-                        "tensor parallelism yet); use --backend sglang or vllm for multi-GPU")
+    tp = spec.tp_size or 1
     if spec.pd == "on":
         raise PlanError("PD disaggregation needs --backend sglang; the native engine is one process")
     arch_ok = mi.architecture in NATIVE_ARCHITECTURES or mi.model_type in NATIVE_ARCHITECTURES
     if not arch_ok:
         raise PlanError(f"the native engine serves Llama, Mistral, Qwen2 and Qwen3 models; {mi.name} is "
                         f"{mi.architecture}: use --backend sglang or vllm")
-    ctx.decide("tp_size", 1, "the native engine runs on one device")
-    ctx.decide("mode", "unified", "the native engine is one process; PD disaggregation needs --backend sglang")
+    if tp > 1:
+        if not hw.cpu_only and tp > hw.count:
+            raise PlanError(f"tp_size {tp}{ctx.src('tp_size')} needs {tp} GPUs; this machine has {hw.describe()}")
+        if (problem := tp_problem(mi, tp)) is not None:
+            raise PlanError(f"tp_size {tp}{ctx.src('tp_size')} is not possible for {mi.name}: {problem}; valid TP "
+                            f"sizes: {', '.join(map(str, valid_tps(mi, max(hw.count, 8))))}")
+        ctx.decide("tp_size", tp, f"explicit{ctx.src('tp_size')}: the native engine runs one process per rank "
+                   + ("(gloo on CPU)" if hw.cpu_only else "(one per GPU, nccl)"))
+    else:
+        ctx.decide("tp_size", 1, "the native engine runs on one device unless tp_size is set")
+    ctx.decide("mode", "unified", "the native engine is one worker; PD disaggregation needs --backend sglang")
     device = "cpu" if hw.cpu_only else "cuda"
+    gpus = [] if hw.cpu_only else list(range(tp))
     checks = []
     if not hw.cpu_only:
-        check = _check_tp(ctx, 1, "unified")
+        check = _check_tp(ctx, tp, "unified")
         checks.append(check)
-        ctx.decide("memory", "TP 1", check.describe())
-        if hw.count > 1:
-            ctx.warnings.append(f"GPUs {gpu_ranges(list(range(1, hw.count)))} stay unused: the native engine uses "
-                                "one GPU; add replicas to use them")
+        ctx.decide("memory", f"TP {tp}", check.describe())
+        if hw.count > tp:
+            ctx.warnings.append(f"GPUs {gpu_ranges(list(range(tp, hw.count)))} stay unused: the native engine uses "
+                                f"{f'{tp} GPUs' if tp > 1 else 'one GPU'} (--tp-size); add replicas to use them")
     argv = [s.python, "-m", "fleetserve", "serve", "--model", s.model]
     if s.revision:
         argv += ["--revision", s.revision]
     if s.served_model_name:
         argv += ["--served-model-name", s.served_model_name]
     argv += ["--device", device, "--precision", s.precision, "--host", spec.host, "--port", str(spec.port)]
+    if tp > 1:
+        argv += ["--tp-size", str(tp)]
     if spec.max_model_len:
         argv += ["--max-model-len", str(spec.max_model_len)]
     if s.max_total_tokens:
@@ -561,8 +571,8 @@ def _native_plan(ctx: _Ctx, s: EngineSettings) -> Plan:
     if s.max_queued_requests:
         argv += ["--max-queue-len", str(s.max_queued_requests)]
     argv += ["--log-level", s.log_level]
-    env = {} if hw.cpu_only else {"CUDA_VISIBLE_DEVICES": "0"}
-    proc = Process("worker", "unified", [] if hw.cpu_only else [0], 1, spec.port, argv, env,
+    env = {} if hw.cpu_only else {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
+    proc = Process("worker", "unified", gpus, tp, spec.port, argv, env,
                    host="127.0.0.1" if spec.host in ("0.0.0.0", "::") else spec.host, ready_path="/readyz")
     for field in ("schedule_conservativeness", "mem_fraction_static"):
         if getattr(spec, field) is not None:

@@ -43,7 +43,22 @@ def engine_config(cfg: ServeConfig) -> EngineConfig:
                         max_running_seqs=cfg.max_running_seqs, kv_cache_tokens=cfg.kv_cache_tokens,
                         block_size=cfg.block_size, max_queue_len=cfg.max_queue_len,
                         enable_prefix_caching=cfg.enable_prefix_caching, kv_cache_memory=cfg.kv_cache_memory,
-                        quantization=cfg.quantization, kv_cache_dtype=cfg.kv_cache_dtype)
+                        quantization=cfg.quantization, kv_cache_dtype=cfg.kv_cache_dtype,
+                        tensor_parallel_size=cfg.tp_size or 1)
+
+
+def check_tensor_parallel(tp_size: int, files: ModelFiles) -> None:
+    """Before anything starts: the model's heads must split over tp_size ranks (exit 2 with the reason)."""
+    from fleetserve.engine.native.parallel import TensorParallelError, check_tp
+    from fleetserve.engine.native.weights import load_model_config_and_weights
+
+    try:
+        check_tp(load_model_config_and_weights(files.format, files.path)[0], tp_size)
+    except TensorParallelError as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from None
+    log.info("tensor parallel size %d: rank 0 serves, %d worker process(es) hold the other shards", tp_size,
+             tp_size - 1)
 
 
 def load_engine(state: WorkerState, progress: bool = False) -> None:
@@ -62,7 +77,8 @@ def load_engine(state: WorkerState, progress: bool = False) -> None:
         log.error("model failed to load: %s", state.load_error)
         return
     state.tokenizer, state.engine = tokenizer, engine
-    log.info("model %s ready on %s (%s)", state.served_model_name, device, str(dtype).removeprefix("torch."))
+    log.info("model %s ready on %s (%s)%s", state.served_model_name, device, str(dtype).removeprefix("torch."),
+             f", tensor parallel size {engine.tp_size}" if engine.tp_size > 1 else "")
 
 
 def new_state(cfg: ServeConfig, files: ModelFiles) -> WorkerState:
@@ -133,6 +149,8 @@ def run_server(cfg: ServeConfig, sources: Mapping[str, str] | None = None) -> No
     except ModelResolutionError as exc:  # one clear line (the platform shows it), not a traceback
         log.error("model could not be loaded: %s", " ".join(str(exc).split()))
         raise SystemExit(2) from None
+    if (cfg.tp_size or 1) > 1:
+        check_tensor_parallel(cfg.tp_size, files)
     state = new_state(cfg, files)
     state.log_file = None if log_file_error else log_file
     state.log_file_error = log_file_error

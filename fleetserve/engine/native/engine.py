@@ -57,6 +57,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; used when kv_cache_tokens is not given
     quantization: str | None = None  # "fp8": FP8 weights with per-channel scales (fp8.py)
     kv_cache_dtype: str | None = None  # None/"auto": the model dtype; "fp8", "fp8_e4m3", "fp8_e5m2"
+    tensor_parallel_size: int = 1  # > 1: this process is rank 0, ranks 1.. are worker processes (tp_workers.py)
 
 
 class NativeEngine:
@@ -68,8 +69,12 @@ class NativeEngine:
         self.max_model_len = min(cfg.max_model_len or model_cfg.max_position_embeddings, model.max_len)
         if cfg.max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be at least 1")
+        self.tp_size = model.tp.size
+        self._model = model
         num_blocks = self._num_kv_blocks()
-        self.kv_cache = KVCache(model_cfg, num_blocks, cfg.block_size, self.kv_dtype, device)
+        self.kv_cache = KVCache(model_cfg, num_blocks, cfg.block_size, self.kv_dtype, device, self.tp_size)
+        if self.tp_size > 1:
+            model.allocate_kv(num_blocks, cfg.block_size, self.kv_dtype)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_batch_tokens, cfg.max_running_seqs)
         self.runner = ModelRunner(model, self.kv_cache, self.block_manager, eos_ids, device)
@@ -85,19 +90,32 @@ class NativeEngine:
         self._stats = EngineStats(kv_blocks_total=num_blocks)
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s), max_model_len %d",
                  num_blocks, cfg.block_size, num_blocks * cfg.block_size,
-                 num_blocks * KVCache.bytes_per_block(model_cfg, cfg.block_size, self.kv_dtype) / 2**20,
+                 num_blocks * KVCache.bytes_per_block(model_cfg, cfg.block_size, self.kv_dtype, self.tp_size) / 2**20,
                  str(self.kv_dtype).removeprefix("torch."), self.max_model_len)
+        if self.tp_size > 1:
+            log.info("tensor parallel size %d: the KV cache above is per rank (its %d of %d KV heads)", self.tp_size,
+                     self.kv_cache.layers[0][0].shape[2], model_cfg.num_kv_heads)
 
     @classmethod
     def load(cls, fmt: str, path: Path, eos_ids: list[int], cfg: EngineConfig, device: torch.device,
              dtype: torch.dtype, progress: bool = False) -> NativeEngine:
+        if cfg.tensor_parallel_size > 1:
+            from fleetserve.engine.native.tp_workers import launch
+
+            model, model_cfg = launch(fmt, path, device, dtype, cfg.max_model_len, cfg.tensor_parallel_size,
+                                      progress=progress, quantization=cfg.quantization)
+            try:
+                return cls(model, model_cfg, eos_ids, cfg, model.device, dtype)
+            except BaseException:
+                model.close()
+                raise
         model, model_cfg = load_model(fmt, path, device, dtype, cfg.max_model_len, progress=progress,
                                       quantization=cfg.quantization)
         return cls(model, model_cfg, eos_ids, cfg, device, dtype)
 
     def _num_kv_blocks(self) -> int:
         bs = self.cfg.block_size
-        per_block = KVCache.bytes_per_block(self.model_cfg, bs, self.kv_dtype)
+        per_block = KVCache.bytes_per_block(self.model_cfg, bs, self.kv_dtype, self.tp_size)
         if self.cfg.kv_cache_tokens is not None:
             tokens = self.cfg.kv_cache_tokens
             if tokens < self.max_model_len:
@@ -147,6 +165,8 @@ class NativeEngine:
         self._wakeup.set()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(10)
+        if self.tp_size > 1:  # the workers stop with the engine
+            self._model.close()
         self._state = EngineState.STOPPED
         for rid, (loop, q) in list(self._streams.items()):  # readers left behind get a final event
             self._streams.pop(rid, None)

@@ -2,6 +2,8 @@
 
 Q/K/V and gate/up projections are fused into single matmuls; numerics otherwise follow the
 reference implementation (fp32 RMSNorm, rotate_half RoPE) so greedy outputs match it exactly.
+With tensor parallelism (`tp`, see parallel.py) each rank builds the same modules over its shard:
+its query and KV heads, its slice of the MLP width and of the vocabulary.
 """
 
 from __future__ import annotations
@@ -12,56 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fleetserve.engine.native import fp8
 from fleetserve.engine.native.attention import AttentionMetadata, paged_attention
+from fleetserve.engine.native.linear import Linear
 from fleetserve.engine.native.model_config import ModelConfig
+from fleetserve.engine.native.parallel import (
+    SINGLE,
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    TPGroup,
+    VocabParallelEmbedding,
+    local_kv_heads,
+)
 from fleetserve.engine.native.rope import apply_rope, rope_cache
-
-
-def _onednn_linear_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_ONEDNN = _onednn_linear_available()
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose CPU matmuls go through oneDNN: measured 1.4x (batch 16) to 5x (batch 32) faster
-    than the default BLAS path on this project's AMD CPUs (docs/perf.md), same results to fp32 rounding.
-
-    `prepack()` reorders the weight once into oneDNN's blocked layout (another 25-35% at batch 16, since
-    the plain path reorders on every call); the plain weight is then dropped unless it is shared.
-    """
-
-    packed: torch.Tensor | None = None
-    qweight: torch.Tensor | None = None  # FP8 weight and its per-channel scale (fp8.py)
-    w_scale: torch.Tensor | None = None
-
-    def prepack(self, batch_hint: int = 16) -> None:
-        if self.qweight is not None or not (
-                _ONEDNN and self.weight.device.type == "cpu" and self.weight.dtype in _ONEDNN_DTYPES):
-            return
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
-
-    def quantize_fp8(self) -> bool:
-        if not fp8.fp8_supported(self.in_features, self.out_features):
-            return False
-        self.qweight, self.w_scale = fp8.quantize_weight(self.weight.detach())
-        self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)  # the fp8 copy replaces it
-        return True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qweight is not None:
-            return fp8.fp8_linear(x, self.qweight, self.w_scale, self.bias)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if _ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -80,12 +45,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE):
         super().__init__()
-        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        nh, nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.nh, self.nkv = nh // tp.size, local_kv_heads(nkv, tp.size)  # this rank's heads
         self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        q_part, kv_part = (nh * self.hd, nh), (nkv * self.hd, nkv)
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [q_part, kv_part, kv_part], cfg.attention_bias, tp)
+        self.o_proj = RowParallelLinear(nh * self.hd, cfg.hidden_size, tp)
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.hd**-0.5
@@ -105,11 +72,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE):
         super().__init__()
-        self.inter = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = cfg.intermediate_size
+        self.inter = inter // tp.size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [(inter, inter)] * 2, False, tp)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -117,12 +85,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
@@ -130,13 +98,13 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_len: int):
+    def __init__(self, cfg: ModelConfig, max_len: int, tp: TPGroup = SINGLE):
         super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.cfg, self.tp = cfg, tp
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
         self.max_len = max_len
         self.rope_cos = self.rope_sin = None
 
@@ -165,11 +133,12 @@ class LlamaModel(nn.Module):
                 m.prepack()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.lm_head.gather(self.lm_head(hidden)).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors, fusing q/k/v and gate/up as they arrive."""
+        """Load HF-named tensors, fusing q/k/v and gate/up as they arrive (each rank keeps its shard)."""
         params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
         fused = {
             "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
@@ -183,18 +152,18 @@ class LlamaModel(nn.Module):
             if len(parts) >= 2 and parts[-2] in fused:
                 target, idx = fused[parts[-2]]
                 pname = ".".join(parts[:-2] + [target, parts[-1]])
-                p = params[pname]
-                if target == "qkv_proj":
-                    a = self.layers[0].self_attn
-                    sizes = [a.q_size, a.kv_size, a.kv_size]
-                else:
-                    sizes = [self.cfg.intermediate_size] * 2
-                off = sum(sizes[:idx])
-                p.data[off : off + sizes[idx]].copy_(w)
+                if pname not in params:
+                    raise ValueError(f"checkpoint has a tensor this model does not know: {name}")
+                modules[".".join(parts[:-2] + [target])].load_part(parts[-1], idx, w)
                 loaded.add(f"{pname}#{idx}")
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint has a tensor this model does not know: {name}")
+            owner, _, param = name.rpartition(".")
+            if hasattr(modules[owner], "load_shard"):  # row-parallel, embedding, LM head: this rank's slice
+                modules[owner].load_shard(param, w)
+                loaded.add(name)
+                continue
             if params[name].shape != w.shape:
                 raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(w.shape)} vs model "
                                  f"{tuple(params[name].shape)}")
