@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import psutil
 import torch
 
+from fleetserve.engine.native.attention import resolve_attention_backend
 from fleetserve.engine.native.block_manager import BlockManager
 from fleetserve.engine.native.kv_cache import KVCache
 from fleetserve.engine.native.loader import load_model
@@ -54,6 +55,9 @@ class EngineConfig:
     max_queue_len: int = 256
     enable_prefix_caching: bool = True
     kv_cache_memory: int | None = None  # bytes; used when kv_cache_tokens is not given
+    # "auto": Triton kernels on CUDA when triton imports, plain torch otherwise; "torch"; "triton" (on a CPU
+    # only under TRITON_INTERPRET=1, for tests). See attention.resolve_attention_backend.
+    attention_backend: str = "auto"
 
 
 class NativeEngine:
@@ -64,11 +68,12 @@ class NativeEngine:
         self.max_model_len = min(cfg.max_model_len or model_cfg.max_position_embeddings, model.max_len)
         if cfg.max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be at least 1")
+        self.attention_backend = resolve_attention_backend(cfg.attention_backend, device)
         num_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache(model_cfg, num_blocks, cfg.block_size, dtype, device)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_batch_tokens, cfg.max_running_seqs)
-        self.runner = ModelRunner(model, self.kv_cache, self.block_manager, eos_ids, device)
+        self.runner = ModelRunner(model, self.kv_cache, self.block_manager, eos_ids, device, self.attention_backend)
         self.eos_ids = eos_ids
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -79,10 +84,10 @@ class NativeEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._stats = EngineStats(kv_blocks_total=num_blocks)
-        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), max_model_len %d",
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB), max_model_len %d, attention %s",
                  num_blocks, cfg.block_size, num_blocks * cfg.block_size,
                  num_blocks * KVCache.bytes_per_block(model_cfg, cfg.block_size, dtype) / 2**20,
-                 self.max_model_len)
+                 self.max_model_len, self.attention_backend)
 
     @classmethod
     def load(cls, fmt: str, path: Path, eos_ids: list[int], cfg: EngineConfig, device: torch.device,
