@@ -1,12 +1,14 @@
-"""Attention over a paged KV cache, in plain PyTorch (the CPU path; GPU kernels plug in here).
+"""Attention over a paged KV cache: plain PyTorch (the CPU path) or Triton kernels (triton_attention.py).
 
 The batch is flattened: decode tokens first (one per sequence, attended together with one padded
 SDPA call over their gathered blocks), then prefill chunks (one SDPA call each; a chunk with no
-cached context attends to its own keys directly, others gather their blocks).
+cached context attends to its own keys directly, others gather their blocks). The Triton backend reads
+the blocks in place: one decode kernel for all decodes, one varlen prefill kernel for all chunks.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +32,53 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks]
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], True = attend
     prefills: list[PrefillSegment] = field(default_factory=list)
+    # backend "triton" only (the torch fields above stay unset then, and these unset with "torch"): one row
+    # per sequence, decodes first, then the prefill chunks in batch order
+    backend: str = "torch"
+    block_tables: torch.Tensor | None = None  # [S, max_blocks] int32
+    context_lens: torch.Tensor | None = None  # [S] int32: tokens in the cache after this step
+    query_start: torch.Tensor | None = None  # [S + 1] int32: cu_seqlens of the sequences' rows in the batch
+    max_decode_context: int = 0
+    max_query_len: int = 0  # longest prefill chunk
+
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_import_error() -> str | None:
+    """None when the Triton kernels import (this imports triton: call it only where they may be used)."""
+    try:
+        from fleetserve.engine.native import triton_attention  # noqa: F401
+    except Exception as exc:  # ImportError, or a triton that fails on this machine
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def resolve_attention_backend(name: str, device: torch.device, kv_dtype: torch.dtype | None = None) -> str:
+    """"auto" -> "triton" on CUDA when triton imports, else "torch". "triton" off CUDA runs only under
+    Triton's interpreter (TRITON_INTERPRET=1 before the kernels are first imported): slow, for tests.
+    The kernels read the cache in the model dtype: an FP8 KV cache goes through the torch path."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, not {name!r}")
+    if kv_dtype is not None and fp8.is_fp8(kv_dtype):
+        if name == "triton":
+            raise ValueError("attention_backend 'triton' does not read an FP8 KV cache yet; use 'auto' or 'torch'")
+        return "torch"
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return "torch"
+    error = triton_import_error()
+    if name == "auto":
+        return "torch" if error else "triton"
+    if error:
+        raise ValueError(f"attention_backend 'triton' needs the triton package ({error})")
+    from fleetserve.engine.native import triton_attention
+
+    if device.type != "cuda" and not triton_attention.INTERPRETED:
+        raise ValueError("attention_backend 'triton' on a CPU runs only under Triton's interpreter: set "
+                         "TRITON_INTERPRET=1 before the kernels are imported (tests), or use 'torch'"
+                         + ("" if os.environ.get("TRITON_INTERPRET") != "1" else
+                            " (TRITON_INTERPRET was set after the kernels had been imported)"))
+    return "triton"
 
 
 def _chunk_mask(n: int, ctx: int, window: int | None, device) -> torch.Tensor:
@@ -74,6 +123,8 @@ def paged_attention(
 ) -> torch.Tensor:
     fp8.store(k_cache, meta.slot_mapping, k)
     fp8.store(v_cache, meta.slot_mapping, v)
+    if meta.backend == "triton":
+        return _triton_attention(q, k_cache, v_cache, meta, scale, sliding_window)
     nd = meta.num_decode
     if nd and not meta.prefills:  # pure decode step (the common case): no output buffer to copy into
         return _decode_attention(q, k_cache, v_cache, meta, scale)
@@ -95,4 +146,18 @@ def paged_attention(
             mask = _chunk_mask(n, seg.context_len, sliding_window, q.device)
             o = F.scaled_dot_product_attention(qi, kk, vv, attn_mask=mask, scale=scale, enable_gqa=True)
         out[seg.start : seg.end] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def _triton_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
+    from fleetserve.engine.native import triton_attention as ta
+
+    out = torch.empty_like(q)
+    nd, np_ = meta.num_decode, len(meta.prefills)
+    if nd:
+        ta.decode_attention(q[:nd], k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                            meta.max_decode_context, sliding_window, out=out[:nd])
+    if np_:
+        ta.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start, scale,
+                             np_, meta.max_query_len, sliding_window, seq_offset=nd, out=out)
     return out

@@ -16,6 +16,7 @@ import psutil
 import torch
 
 from fleetserve.engine.native.fp8 import kv_storage_dtype
+from fleetserve.engine.native.attention import resolve_attention_backend
 from fleetserve.engine.native.block_manager import BlockManager
 from fleetserve.engine.native.kv_cache import KVCache
 from fleetserve.engine.native.loader import load_model
@@ -58,6 +59,9 @@ class EngineConfig:
     quantization: str | None = None  # "fp8": FP8 weights with per-channel scales (fp8.py)
     kv_cache_dtype: str | None = None  # None/"auto": the model dtype; "fp8", "fp8_e4m3", "fp8_e5m2"
     tensor_parallel_size: int = 1  # > 1: this process is rank 0, ranks 1.. are worker processes (tp_workers.py)
+    # "auto": Triton kernels on CUDA when triton imports, plain torch otherwise; "torch"; "triton" (on a CPU
+    # only under TRITON_INTERPRET=1, for tests). See attention.resolve_attention_backend.
+    attention_backend: str = "auto"
 
 
 class NativeEngine:
@@ -71,13 +75,14 @@ class NativeEngine:
             raise ValueError("max_batch_tokens must be at least 1")
         self.tp_size = model.tp.size
         self._model = model
+        self.attention_backend = resolve_attention_backend(cfg.attention_backend, device, self.kv_dtype)
         num_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache(model_cfg, num_blocks, cfg.block_size, self.kv_dtype, device, self.tp_size)
         if self.tp_size > 1:
             model.allocate_kv(num_blocks, cfg.block_size, self.kv_dtype)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_batch_tokens, cfg.max_running_seqs)
-        self.runner = ModelRunner(model, self.kv_cache, self.block_manager, eos_ids, device)
+        self.runner = ModelRunner(model, self.kv_cache, self.block_manager, eos_ids, device, self.attention_backend)
         self.eos_ids = eos_ids
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -88,10 +93,10 @@ class NativeEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._stats = EngineStats(kv_blocks_total=num_blocks)
-        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s), max_model_len %d",
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB, %s), max_model_len %d, attention %s",
                  num_blocks, cfg.block_size, num_blocks * cfg.block_size,
                  num_blocks * KVCache.bytes_per_block(model_cfg, cfg.block_size, self.kv_dtype, self.tp_size) / 2**20,
-                 str(self.kv_dtype).removeprefix("torch."), self.max_model_len)
+                 str(self.kv_dtype).removeprefix("torch."), self.max_model_len, self.attention_backend)
         if self.tp_size > 1:
             log.info("tensor parallel size %d: the KV cache above is per rank (its %d of %d KV heads)", self.tp_size,
                      self.kv_cache.layers[0][0].shape[2], model_cfg.num_kv_heads)

@@ -18,11 +18,12 @@ from fleetserve.engine.native.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, block_manager: BlockManager,
-                 eos_ids: list[int], device: torch.device):
+                 eos_ids: list[int], device: torch.device, attention_backend: str = "torch"):
         self.model, self.kv, self.bm = model, kv_cache, block_manager
         self.eos_ids = eos_ids
         self.device = device
         self.bs = block_manager.block_size
+        self.triton = attention_backend == "triton"  # resolved ("torch" | "triton"), see resolve_attention_backend
 
     def _prepare(self, batch: ScheduledBatch):
         pairs = sorted(zip(batch.seqs, batch.num_tokens), key=lambda p: p[1] != 1)  # decodes first
@@ -44,7 +45,7 @@ class ModelRunner:
             if n == 1:
                 decode.append(seq)
             else:
-                bt = torch.tensor(table, dtype=torch.long, device=self.device) if start else None
+                bt = torch.tensor(table, dtype=torch.long, device=self.device) if start and not self.triton else None
                 segments.append(PrefillSegment(len(ids) - n, len(ids), start + n, bt))
             if seq.wants_prompt_logprobs:
                 prompt_lp.append((seq, len(ids) - n, start))
@@ -54,7 +55,9 @@ class ModelRunner:
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
                                  num_decode=len(decode), prefills=segments)
-        if decode:
+        if self.triton:
+            self._triton_metadata(meta, pairs)
+        elif decode:
             max_blocks = max(len(s.block_table) for s in decode)
             tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in decode]
             meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
@@ -67,6 +70,26 @@ class ModelRunner:
             meta.decode_mask = mask.view(len(decode), 1, 1, -1)
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
                 meta, sample_rows, sample_seqs, pairs, prompt_lp)
+
+    def _triton_metadata(self, meta: AttentionMetadata, pairs) -> None:
+        """One row per sequence (decodes first, as in the batch): block table, context length, query rows."""
+        max_blocks = max(len(s.block_table) for s, _ in pairs)
+        tables: list[int] = []
+        ctx: list[int] = []
+        starts = [0]
+        for seq, n in pairs:
+            tables.extend(seq.block_table)
+            tables.extend([0] * (max_blocks - len(seq.block_table)))
+            ctx.append(seq.num_computed_tokens + n)
+            starts.append(starts[-1] + n)
+        dev = self.device
+        meta.backend = "triton"
+        meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev).view(len(pairs), max_blocks)
+        meta.context_lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
+        meta.query_start = torch.tensor(starts, dtype=torch.int32, device=dev)
+        nd = meta.num_decode
+        meta.max_decode_context = max(ctx[:nd], default=0)
+        meta.max_query_len = max((b - a for a, b in zip(starts[nd:], starts[nd + 1 :])), default=0)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, chunks: list[tuple[Sequence, int, int]], pairs) -> None:
         """Logprob of each prompt token given the ones before it, for the positions this step computed."""
