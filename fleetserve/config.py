@@ -111,7 +111,7 @@ GPU_FIELDS: dict[str, tuple[Any, ...]] = {
 # values a remote backend honours; any other value set explicitly with sglang / vllm is rejected.
 NATIVE_FIELDS: dict[str, tuple[Any, ...]] = {
     "device": ("auto", "cuda"), "max_batch_tokens": (), "max_running_seqs": (), "block_size": (),
-    "kv_cache_memory": (), "enable_prefix_caching": (True,), "max_batch_size": (), "max_new_tokens": (),
+    "kv_cache_memory": (), "enable_prefix_caching": (True,), "attention_backend": ("auto",), "max_batch_size": (), "max_new_tokens": (),
     "max_request_tokens": (),
 }
 
@@ -127,6 +127,7 @@ ALLOWED = {
     "max_batch_tokens": "a positive integer (tokens per engine step)",
     "max_running_seqs": "a positive integer",
     "kv_cache_tokens": "a positive integer (KV pool size in tokens)",
+    "attention_backend": "one of auto, torch, triton",
     "kv_cache_memory": "a size like 2GiB, 512MiB, 1.5GB or a number of bytes (KV pool size in memory)",
     "block_size": "one of " + ", ".join(map(str, BLOCK_SIZES)),
     "max_queue_len": "a positive integer",
@@ -246,6 +247,7 @@ class ServeConfig(BaseModel):
     max_running_seqs: int = Field(64, ge=1)
     kv_cache_tokens: int | None = Field(None, ge=1)  # None: sized automatically
     kv_cache_memory: int | None = Field(None, ge=1)  # bytes; kv_cache_tokens wins when both are set
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
     block_size: int = 16
     max_queue_len: int = Field(256, ge=1)
     enable_prefix_caching: bool = True  # share KV blocks of common prompt prefixes between requests

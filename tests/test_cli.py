@@ -198,6 +198,12 @@ def test_missing_config_file(runner, tmp_path):
 # ------------------------------------------------------------------ --dry-run
 
 
+def test_dry_run_rejects_triton_attention_without_a_gpu(runner, fake_model, free_port, no_gpu):
+    result = invoke(runner, ["serve", "--dry-run", "--port", str(free_port), "--attention-backend", "triton"])
+    assert result.exit_code == 2, result.output
+    assert "attention_backend 'triton' runs on CUDA GPUs" in result.output
+
+
 def test_dry_run_success(runner, fake_model, free_port, no_gpu):
     result = invoke(runner, ["serve", "--dry-run", "--port", str(free_port), "--revision", "v1"],
                     {"HF_TOKEN": TOKEN})

@@ -103,6 +103,9 @@ def serve(
         help="KV cache pool size in memory, e.g. 2GiB or 512MiB (--kv-cache-tokens wins if both are given). "
         "\\[default: 2 GiB or a fifth of free RAM on CPU, 85% of free GPU memory on CUDA]",
         rich_help_panel=_ENGINE)] = None,
+    attention_backend: Annotated[str | None, typer.Option(
+        help="Attention over the paged KV cache: auto (Triton kernels on CUDA when triton is installed, "
+        "PyTorch SDPA otherwise), torch, or triton (CUDA only). \\[default: auto]", rich_help_panel=_ENGINE)] = None,
     prefix_caching: Annotated[bool | None, typer.Option(
         "--prefix-caching/--no-prefix-caching", help="Share the KV cache of common prompt prefixes between "
         "requests (a shared system prompt is computed once). \\[default: on]", rich_help_panel=_ENGINE,
@@ -207,6 +210,7 @@ def serve(
         "max_batch_tokens": max_batch_tokens, "max_running_seqs": max_running_seqs,
         "kv_cache_tokens": kv_cache_tokens, "block_size": block_size, "max_queue_len": max_queue_len,
         "enable_prefix_caching": prefix_caching, "kv_cache_memory": kv_cache_memory,
+        "attention_backend": attention_backend,
         "host": host, "port": port, "log_level": log_level, "max_body_bytes": max_body_bytes,
         "drain_timeout_s": drain_timeout, "api_keys": api_key or None, "cors_origins": cors_origin or None,
         "metrics_auth": metrics_auth, "log_file": log_file, "max_batch_size": max_batch_size,
@@ -376,4 +380,6 @@ def _check_device(cfg: ServeConfig) -> str:
         dtype = resolve_dtype(cfg.precision, device)
     except ValueError as exc:
         raise _Problem(str(exc)) from None
+    if cfg.attention_backend == "triton" and device.type != "cuda":
+        raise _Problem(f"attention_backend 'triton' runs on CUDA GPUs; the device here is {device} (use auto or torch)")
     return f"{device} ({str(dtype).removeprefix('torch.')})"

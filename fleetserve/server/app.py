@@ -44,7 +44,7 @@ def engine_config(cfg: ServeConfig) -> EngineConfig:
                         block_size=cfg.block_size, max_queue_len=cfg.max_queue_len,
                         enable_prefix_caching=cfg.enable_prefix_caching, kv_cache_memory=cfg.kv_cache_memory,
                         quantization=cfg.quantization, kv_cache_dtype=cfg.kv_cache_dtype,
-                        tensor_parallel_size=cfg.tp_size or 1)
+                        tensor_parallel_size=cfg.tp_size or 1, attention_backend=cfg.attention_backend)
 
 
 def check_tensor_parallel(tp_size: int, files: ModelFiles) -> None:
