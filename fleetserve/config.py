@@ -103,9 +103,10 @@ GPU_FIELDS: dict[str, tuple[Any, ...]] = {
     "schedule_conservativeness": (None,), "enable_metrics": (True,), "enable_p2p_check": (False,),
     "enable_torch_compile": (False,), "h100_only": (False,), "auto_use_fp8_on_h100": (True, False),
     "pd": ("auto", "off"), "pd_bootstrap_port": (None,), "pd_ib_device": (None,), "pd_transfer_backend": (None,),
-    "speculative": ("none",), "speculative_num_steps": (None,), "speculative_eagle_topk": (None,),
-    "speculative_num_draft_tokens": (None,), "speculative_token_map": (None,), "speculative_attention_mode": (None,),
-    "speculative_draft_model_path": (None,), "engine_port": (None,),
+    # the native engine speculates with n-gram lookup or an EAGLE-1 head (top-1 chains): any num_steps /
+    # num_draft_tokens / draft_model_path; eagle3, tree top-k, token maps and attention modes are sglang/vllm's
+    "speculative": ("none", "ngram", "eagle"), "speculative_eagle_topk": (None, 1),
+    "speculative_token_map": (None,), "speculative_attention_mode": (None,), "engine_port": (None,),
 }
 # Settings of the native engine and its batch API (which the sglang / vllm front does not serve) and the
 # values a remote backend honours; any other value set explicitly with sglang / vllm is rejected.
@@ -448,6 +449,13 @@ def check_backend(cfg: ServeConfig, sources: Mapping[str, str] | None = None) ->
             raise ConfigError(f"precision 'fp8' (from {src('precision')}) needs --backend sglang or vllm; the "
                               "native engine runs one of auto, fp32, bf16, fp16 (FP8 weights: --quantization fp8)", "precision",
                               src("precision"))
+        if cfg.speculative == "eagle" and not cfg.speculative_draft_model_path:
+            raise ConfigError(f"speculative 'eagle' (from {src('speculative')}) needs --speculative-draft-model-path "
+                              "(an EAGLE-1 head: config.json + fc and layers.0 tensors)", "speculative",
+                              src("speculative"))
+        if cfg.speculative == "eagle3":
+            raise ConfigError(f"speculative 'eagle3' (from {src('speculative')}) needs --backend sglang or vllm; the "
+                              "native engine runs ngram and eagle (EAGLE-1 heads)", "speculative", src("speculative"))
         for field, honoured in GPU_FIELDS.items():
             value = getattr(cfg, field)
             if value not in honoured:

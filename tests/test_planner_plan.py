@@ -367,7 +367,7 @@ def test_native_plan_is_the_fleetserve_worker():
     with pytest.raises(PlanError, match=r"tp_size 3 is not possible .*valid TP sizes: 1, 2, 4, 8"):
         make(LLAMA8B, "H100", 4, backend="native", tp_size=3)
     for bad, msg in (({"tp_size": 4}, "tp_size 4 needs 4 GPUs"),
-                     ({"speculative": "ngram"}, "speculative decoding is not available with the native engine"),
+                     ({"speculative": "eagle3"}, "eagle3 is not available with the native engine"),
                      ({"precision": "fp8"}, "fp8 is not available with the native engine")):
         with pytest.raises(PlanError, match=msg):
             make(LLAMA8B, "H100", 2, backend="native", **bad)

@@ -178,7 +178,9 @@ def serve(
         help="RDMA devices for the KV transfer, e.g. mlx5_0,mlx5_1 (env DISAGG_IB_DEVICE). \\[default: SGLang's "
         "choice]", rich_help_panel=_GPU)] = None,
     speculative: Annotated[str | None, typer.Option(
-        help="Speculative decoding: none | eagle | eagle3 | ngram (env SPECULATIVE_ALGORITHM). \\[default: none]",
+        help="Speculative decoding: none | eagle | eagle3 | ngram (env SPECULATIVE_ALGORITHM). The native engine "
+        "runs ngram and eagle (EAGLE-1 head) for greedy requests, k = --speculative-num-steps, else "
+        "--speculative-num-draft-tokens, else 4 drafts per step. \\[default: none]",
         rich_help_panel=_GPU)] = None,
     speculative_draft_model_path: Annotated[str | None, typer.Option(
         help="EAGLE draft model, Hub id or path (env SPECULATIVE_DRAFT_MODEL_PATH).", rich_help_panel=_GPU)] = None,

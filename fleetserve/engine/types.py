@@ -112,6 +112,13 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0
     prefix_cache_queried_tokens: int = 0
     aborts: int = 0
+    spec_draft_tokens: int = 0  # speculative decoding: draft tokens proposed and verified
+    spec_accepted_tokens: int = 0  # drafts the target model agreed with
+    spec_verifications: int = 0  # sequence-steps that verified drafts
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -265,8 +265,17 @@ def _speculative(ctx: _Ctx) -> dict:
     if algo == "none":
         return out
     if ctx.spec.backend == "native":
-        raise PlanError("speculative decoding is not available with the native engine yet; use --backend sglang "
-                        "or vllm, or drop --speculative")
+        if algo == "eagle3":
+            raise PlanError("speculative eagle3 is not available with the native engine (it runs ngram and EAGLE-1 "
+                            "heads); use --backend sglang or vllm, or --speculative ngram / eagle")
+        if algo == "eagle" and not spec.speculative_draft_model_path:
+            raise PlanError("speculative eagle needs a draft model: set --speculative-draft-model-path")
+        out.update(speculative_num_steps=spec.speculative_num_steps,
+                   speculative_num_draft_tokens=spec.speculative_num_draft_tokens,
+                   speculative_draft_model_path=spec.speculative_draft_model_path)
+        ctx.decide("speculative", algo.upper(), f"explicit{ctx.src('speculative')}: the native engine verifies "
+                   "drafts of greedy requests (sampled requests decode normally)")
+        return out
     if algo in ("eagle", "eagle3"):
         if not spec.speculative_draft_model_path:
             raise PlanError(f"speculative {algo} needs a draft model: set --speculative-draft-model-path "
@@ -570,6 +579,13 @@ def _native_plan(ctx: _Ctx, s: EngineSettings) -> Plan:
         argv += ["--kv-cache-tokens", str(s.max_total_tokens)]
     if s.max_queued_requests:
         argv += ["--max-queue-len", str(s.max_queued_requests)]
+    if s.speculative and s.speculative != "none":
+        argv += ["--speculative", s.speculative]
+        for flag, value in (("--speculative-num-steps", s.speculative_num_steps),
+                            ("--speculative-num-draft-tokens", s.speculative_num_draft_tokens),
+                            ("--speculative-draft-model-path", s.speculative_draft_model_path)):
+            if value is not None:
+                argv += [flag, str(value)]
     argv += ["--log-level", s.log_level]
     env = {} if hw.cpu_only else {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))}
     proc = Process("worker", "unified", gpus, tp, spec.port, argv, env,

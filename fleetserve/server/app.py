@@ -44,7 +44,8 @@ def engine_config(cfg: ServeConfig) -> EngineConfig:
                         block_size=cfg.block_size, max_queue_len=cfg.max_queue_len,
                         enable_prefix_caching=cfg.enable_prefix_caching, kv_cache_memory=cfg.kv_cache_memory,
                         quantization=cfg.quantization, kv_cache_dtype=cfg.kv_cache_dtype,
-                        tensor_parallel_size=cfg.tp_size or 1, attention_backend=cfg.attention_backend)
+                        tensor_parallel_size=cfg.tp_size or 1, attention_backend=cfg.attention_backend,
+                        **speculative_config(cfg))
 
 
 def check_tensor_parallel(tp_size: int, files: ModelFiles) -> None:
@@ -59,6 +60,24 @@ def check_tensor_parallel(tp_size: int, files: ModelFiles) -> None:
         raise SystemExit(2) from None
     log.info("tensor parallel size %d: rank 0 serves, %d worker process(es) hold the other shards", tp_size,
              tp_size - 1)
+
+
+def speculative_config(cfg: ServeConfig) -> dict:
+    """--speculative ngram|eagle for the native engine: k = speculative_num_steps, else speculative_num_draft_tokens,
+    else 4 drafts per step; the EAGLE head from speculative_draft_model_path (a local directory or a Hub id)."""
+    if cfg.speculative in (None, "none"):
+        return {}
+    k = cfg.speculative_num_steps or cfg.speculative_num_draft_tokens or 4
+    out: dict = {"speculative_method": cfg.speculative, "num_speculative_tokens": k}
+    path = cfg.speculative_draft_model_path
+    if cfg.speculative == "eagle" and path:
+        if not Path(path).expanduser().is_dir():
+            from huggingface_hub import snapshot_download
+
+            token = cfg.hf_token.get_secret_value() if cfg.hf_token else None
+            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin"], token=token)
+        out["speculative_draft_path"] = str(Path(path).expanduser())
+    return out
 
 
 def load_engine(state: WorkerState, progress: bool = False) -> None:

@@ -216,8 +216,18 @@ class _ScrapeTimeCollector:
                                  ("prefix_cache_queried_tokens", "prefix_cache_queried_tokens",
                                   "Prompt tokens looked up in the prefix cache."),
                                  ("prefix_cache_hit_tokens", "prefix_cache_hit_tokens",
-                                  "Prompt tokens found in the prefix cache (not computed again).")):
+                                  "Prompt tokens found in the prefix cache (not computed again)."),
+                                 ("spec_decode_draft_tokens", "spec_draft_tokens",
+                                  "Speculative decoding: draft tokens proposed and verified by the target model."),
+                                 ("spec_decode_accepted_tokens", "spec_accepted_tokens",
+                                  "Speculative decoding: draft tokens the target model accepted."),
+                                 ("spec_decode_verifications", "spec_verifications",
+                                  "Speculative decoding: verifications (one sequence checking its drafts in one step).")):
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=stat(field))
+        drafts = stat("spec_draft_tokens")
+        yield gauge("spec_decode_acceptance_rate",
+                    "Speculative decoding: accepted / proposed draft tokens since start, 0 to 1 (0 without drafts).",
+                    stat("spec_accepted_tokens") / drafts if drafts else 0.0)
 
 
 class InstrumentedEngine:

@@ -63,7 +63,9 @@ class BlockManager:
         """Names the sequence's newly completed blocks so later requests can share them."""
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
+        # only verified tokens: computed and in the token list (a speculative step's accepted drafts are appended
+        # after it; rejected drafts' K/V lie beyond num_computed_tokens and are never named)
+        full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         bs = self.block_size
         while len(seq.block_hashes) < full:
             i = len(seq.block_hashes)
@@ -122,6 +124,16 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+
+    def trim(self, seq: Sequence) -> None:
+        """Frees the blocks beyond the computed tokens (reserved for drafts that were rejected). They hold no
+        verified token, so they were never named in the prefix cache and nobody else references them."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                self.free_blocks[block] = None
 
     def reset_prefix_cache(self) -> None:
         for h, block in list(self.cached.items()):

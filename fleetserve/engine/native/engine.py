@@ -25,6 +25,7 @@ from fleetserve.engine.native.model_config import ModelConfig
 from fleetserve.engine.native.runner import ModelRunner
 from fleetserve.engine.native.scheduler import Scheduler
 from fleetserve.engine.native.sequence import Sequence
+from fleetserve.engine.native.speculative import EagleDrafter, EagleHead, ngram_propose
 from fleetserve.engine.types import (
     EngineHealth,
     EngineOverloaded,
@@ -62,6 +63,13 @@ class EngineConfig:
     # "auto": Triton kernels on CUDA when triton imports, plain torch otherwise; "torch"; "triton" (on a CPU
     # only under TRITON_INTERPRET=1, for tests). See attention.resolve_attention_backend.
     attention_backend: str = "auto"
+    # speculative decoding of greedy requests (docs/ARCHITECTURE.md "Speculative decoding"):
+    # None, "ngram" (prompt lookup, no extra weights) or "eagle" (an EAGLE-1 draft head at speculative_draft_path)
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4  # k: drafts verified per sequence and step
+    speculative_draft_path: str | Path | None = None
+    ngram_max: int = 3  # n-gram lookup tries the last ngram_max .. ngram_min tokens
+    ngram_min: int = 1
 
 
 class NativeEngine:
@@ -81,8 +89,10 @@ class NativeEngine:
         if self.tp_size > 1:
             model.allocate_kv(num_blocks, cfg.block_size, self.kv_dtype)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_batch_tokens, cfg.max_running_seqs)
         self.runner = ModelRunner(model, self.kv_cache, self.block_manager, eos_ids, device, self.attention_backend)
+        drafter = self._speculation(model, num_blocks)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_batch_tokens, cfg.max_running_seqs, drafter,
+                                   cfg.num_speculative_tokens, self.max_model_len)
         self.eos_ids = eos_ids
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -117,6 +127,31 @@ class NativeEngine:
         model, model_cfg = load_model(fmt, path, device, dtype, cfg.max_model_len, progress=progress,
                                       quantization=cfg.quantization)
         return cls(model, model_cfg, eos_ids, cfg, device, dtype)
+
+    def _speculation(self, model: LlamaModel, num_blocks: int):
+        method, k = self.cfg.speculative_method, self.cfg.num_speculative_tokens
+        if method in (None, "none"):
+            return None
+        if k < 1:
+            raise ValueError("num_speculative_tokens must be at least 1")
+        if method == "ngram":
+            nmax, nmin = self.cfg.ngram_max, self.cfg.ngram_min
+            log.info("speculative decoding: n-gram prompt lookup (n %d..%d), %d draft tokens per step, greedy "
+                     "requests only", nmax, nmin, k)
+            return lambda seq, limit: ngram_propose(seq.token_ids, limit, nmax, nmin)
+        if method == "eagle":
+            if self.tp_size > 1:
+                raise ValueError("speculative_method 'eagle' runs without tensor parallelism (the head uses rank 0's "
+                                 "embedding and LM head shards); use ngram with tp_size > 1")
+            if not self.cfg.speculative_draft_path:
+                raise ValueError("speculative_method 'eagle' needs speculative_draft_path (the EAGLE head's directory)")
+            head = EagleHead.load(Path(self.cfg.speculative_draft_path), model, self.device, self.dtype)
+            self.runner.eagle = EagleDrafter(head, model, self.block_manager, num_blocks, k, self.max_model_len,
+                                             self.device, self.dtype)
+            log.info("speculative decoding: EAGLE head %s, %d draft tokens per step, greedy requests only",
+                     self.cfg.speculative_draft_path, k)
+            return lambda seq, limit: seq.next_drafts[:limit]
+        raise ValueError(f"unknown speculative_method {method!r}: expected ngram or eagle")
 
     def _num_kv_blocks(self) -> int:
         bs = self.cfg.block_size
@@ -189,6 +224,9 @@ class NativeEngine:
         s.kv_blocks_used = self.block_manager.num_used
         s.prefix_cache_hit_tokens = self.block_manager.hit_tokens
         s.prefix_cache_queried_tokens = self.block_manager.queried_tokens
+        r = self.runner
+        s.spec_draft_tokens, s.spec_accepted_tokens = r.spec_draft_tokens, r.spec_accepted_tokens
+        s.spec_verifications = r.spec_verifications
         return s
 
     # ---- requests --------------------------------------------------------------------------
@@ -249,6 +287,8 @@ class NativeEngine:
             if not batch:
                 time.sleep(0.001)
                 continue
+            prompt_tokens = sum(n for s, n in zip(batch.seqs, batch.num_tokens)
+                                if s.num_computed_tokens < s.num_prompt_tokens)
             try:
                 results = self.runner.step(batch)
             except Exception as exc:  # a bad step fails its requests, not the server
@@ -257,8 +297,7 @@ class NativeEngine:
                 continue
             self._stats.steps += 1
             self._stats.preemptions += batch.num_preempted
-            self._stats.prompt_tokens_computed += sum(
-                n for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed_tokens - n < s.num_prompt_tokens)
+            self._stats.prompt_tokens_computed += prompt_tokens
             self._process(results)
 
     def _drain_inbox(self) -> None:
@@ -292,13 +331,18 @@ class NativeEngine:
 
     def _process(self, results) -> None:
         out: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, GenerationEvent]]] = {}
-        for seq, token, logprob in results:
-            if token is None:  # prompt-only request (max_tokens 0): done once the prefill is
+        for seq, tokens, logprobs in results:
+            reason = None
+            if tokens is None:  # prompt-only request (max_tokens 0): done once the prefill is
                 reason = FinishReason.LENGTH
-            else:
-                seq.token_ids.append(token)
-                self._stats.generation_tokens += 1
-                reason = self._finish_reason(seq, token)
+            else:  # several tokens after a speculative step: nothing is emitted past a stop or length finish
+                for i, token in enumerate(tokens):
+                    seq.token_ids.append(token)
+                    reason = self._finish_reason(seq, token)
+                    if reason is not None:
+                        tokens, logprobs = tokens[: i + 1], None if logprobs is None else logprobs[: i + 1]
+                        break
+                self._stats.generation_tokens += len(tokens)
             stream = self._streams.get(seq.request_id)
             if reason is not None:
                 self.scheduler.finish(seq)
@@ -307,9 +351,9 @@ class NativeEngine:
             if stream is None:
                 continue
             loop, q = stream
-            ev = GenerationEvent(seq.request_id, [] if token is None else [token], reason,
+            ev = GenerationEvent(seq.request_id, tokens or [], reason,
                                  num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
-                                 logprobs=None if logprob is None else [logprob])
+                                 logprobs=logprobs)
             if seq.prompt_logprobs is not None and seq.num_emitted == 0:
                 ev.prompt_logprobs = seq.prompt_logprobs
             seq.num_emitted += 1

@@ -1,6 +1,8 @@
 """Runs one engine step: flattens the scheduled batch into tensors, runs the model, samples.
 
-Token order in the flat batch: decodes (one token each) first, then prefill chunks.
+Token order in the flat batch: decodes (one token each) first, then prefill chunks. A speculating
+sequence is a chunk with cached context: its last token plus its drafts, all 1 + k rows get logits and
+`verify_greedy` keeps the drafts the target agrees with plus one bonus token; the rest is rolled back.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from fleetserve.engine.native.attention import AttentionMetadata, PrefillSegment
 from fleetserve.engine.native.block_manager import BlockManager
 from fleetserve.engine.native.kv_cache import KVCache
 from fleetserve.engine.native.model import LlamaModel
-from fleetserve.engine.native.sampler import sample, token_logprobs
+from fleetserve.engine.native.sampler import sample, token_logprobs, verify_greedy
 from fleetserve.engine.native.scheduler import ScheduledBatch
 from fleetserve.engine.native.sequence import Sequence
 
@@ -24,6 +26,8 @@ class ModelRunner:
         self.device = device
         self.bs = block_manager.block_size
         self.triton = attention_backend == "triton"  # resolved ("torch" | "triton"), see resolve_attention_backend
+        self.eagle = None  # an EagleDrafter when the engine drafts with an EAGLE head
+        self.spec_draft_tokens = self.spec_accepted_tokens = self.spec_verifications = 0
 
     def _prepare(self, batch: ScheduledBatch):
         pairs = sorted(zip(batch.seqs, batch.num_tokens), key=lambda p: p[1] != 1)  # decodes first
@@ -35,10 +39,11 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_seqs: list[Sequence] = []
         prompt_lp: list[tuple[Sequence, int, int]] = []  # (seq, first row, first position) of a chunk
+        spec: list[tuple[Sequence, int]] = []  # (seq, first row) of a sequence verifying drafts
         for seq, n in pairs:
             start = seq.num_computed_tokens
             positions = range(start, start + n)
-            ids.extend(seq.token_ids[start : start + n])
+            ids.extend(seq.token_ids[start : start + n] + seq.draft_tokens)
             pos.extend(positions)
             table = seq.block_table
             slots.extend(table[p // self.bs] * self.bs + p % self.bs for p in positions)
@@ -49,7 +54,9 @@ class ModelRunner:
                 segments.append(PrefillSegment(len(ids) - n, len(ids), start + n, bt))
             if seq.wants_prompt_logprobs:
                 prompt_lp.append((seq, len(ids) - n, start))
-            if start + n == len(seq.token_ids) and seq.num_output_tokens < seq.sampling.max_tokens:
+            if seq.draft_tokens:
+                spec.append((seq, len(ids) - n))
+            elif start + n == len(seq.token_ids) and seq.num_output_tokens < seq.sampling.max_tokens:
                 sample_rows.append(len(ids) - 1)  # prompt fully in the cache: a new token is due
                 sample_seqs.append(seq)
         dev = self.device
@@ -69,7 +76,7 @@ class ModelRunner:
                 mask &= span[None, :] >= (ctx - window)[:, None]
             meta.decode_mask = mask.view(len(decode), 1, 1, -1)
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-                meta, sample_rows, sample_seqs, pairs, prompt_lp)
+                meta, sample_rows, sample_seqs, pairs, prompt_lp, spec)
 
     def _triton_metadata(self, meta: AttentionMetadata, pairs) -> None:
         """One row per sequence (decodes first, as in the batch): block table, context length, query rows."""
@@ -105,20 +112,48 @@ class ModelRunner:
             seq.prompt_logprobs.extend(token_logprobs(logits, targets, [k] * len(targets)))
 
     @torch.inference_mode()
-    def step(self, batch: ScheduledBatch) -> list[tuple[Sequence, int | None, object]]:
-        """Computes the batch's tokens. Returns (sequence, new token, its logprob) for sequences that
-        produced one, and (sequence, None, None) for finished prompts that asked for no new tokens."""
-        input_ids, positions, meta, rows, sample_seqs, pairs, prompt_lp = self._prepare(batch)
+    def step(self, batch: ScheduledBatch) -> list[tuple[Sequence, list[int] | None, list | None]]:
+        """Computes the batch's tokens. Returns (sequence, new tokens, their logprobs or None) for sequences
+        that produced tokens (one, or several after a speculative verification), and (sequence, None, None)
+        for finished prompts that asked for no new tokens."""
+        input_ids, positions, meta, rows, sample_seqs, pairs, prompt_lp, spec = self._prepare(batch)
         hidden = self.model(input_ids, positions, self.kv.layers, meta)
         if prompt_lp:
             self._prompt_logprobs(hidden, prompt_lp, pairs)
-        out: list[tuple[Sequence, int | None, object]] = []
+        starts = [seq.num_computed_tokens for seq, _ in pairs] if self.eagle is not None else None
+        out: list[tuple[Sequence, list[int] | None, list | None]] = []
         for seq, n in pairs:
+            if seq.draft_tokens:
+                continue  # advanced by what verification accepts
             seq.num_computed_tokens += n
             self.bm.commit_full_blocks(seq)
             if seq.sampling.max_tokens == 0 and seq.num_computed_tokens == len(seq.token_ids):
                 out.append((seq, None, None))
         if rows:
             tokens, lps = sample(self.model.compute_logits(hidden[rows]), sample_seqs, self.eos_ids)
-            out.extend(zip(sample_seqs, tokens, lps))
+            out.extend((s, [t], None if lp is None else [lp]) for s, t, lp in zip(sample_seqs, tokens, lps))
+        if spec:
+            self._verify(hidden, spec, out)
+        if self.eagle is not None:
+            self.eagle.after_step(hidden, pairs, starts, out)
         return out
+
+    def _verify(self, hidden: torch.Tensor, spec: list[tuple[Sequence, int]], out: list) -> None:
+        """Accepts each speculating sequence's longest agreeing draft prefix (+ a bonus token) and rolls the rest
+        back: num_computed_tokens covers only verified tokens, surplus blocks go back to the pool."""
+        rows = [r for seq, row0 in spec for r in range(row0, row0 + 1 + len(seq.draft_tokens))]
+        logits = self.model.compute_logits(hidden[rows])
+        off = 0
+        for seq, _ in spec:
+            drafts = seq.draft_tokens
+            tokens, lps = verify_greedy(logits[off : off + 1 + len(drafts)], seq, drafts, self.eos_ids)
+            off += 1 + len(drafts)
+            accepted = len(tokens) - 1
+            self.spec_verifications += 1
+            self.spec_draft_tokens += len(drafts)
+            self.spec_accepted_tokens += accepted
+            seq.num_computed_tokens += 1 + accepted
+            seq.draft_tokens = []
+            self.bm.commit_full_blocks(seq)
+            self.bm.trim(seq)
+            out.append((seq, tokens, lps))

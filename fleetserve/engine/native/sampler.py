@@ -145,3 +145,27 @@ def _draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             u = torch.rand((), generator=s.generator, dtype=torch.float64) * cdf[-1]
             picks[j] = min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)
     return picks
+
+
+def verify_greedy(logits: torch.Tensor, seq: Sequence, drafts: list[int], eos_ids: list[int]
+                  ) -> tuple[list[int], list[TokenLogprob] | None]:
+    """Speculative verification of one greedy sequence. logits [1 + k, V]: row j follows the sequence's tokens
+    plus drafts[:j]. Returns the target's choices up to and including the first that differs from its draft
+    (all accepted drafts + one bonus token), with their logprobs when asked for."""
+    sp = seq.sampling
+    raw = logits.clone() if sp.logprobs is not None else None
+    if sp.logit_bias:
+        idx = torch.tensor(list(sp.logit_bias), device=logits.device)
+        logits[:, idx] += torch.tensor(list(sp.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+    banned_rows = sp.min_tokens - seq.num_output_tokens  # row j has num_output_tokens + j outputs before it
+    if banned_rows > 0:
+        banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else eos_ids)
+        if banned:
+            logits[:banned_rows, banned] = float("-inf")
+    choice = logits.argmax(dim=-1).tolist()
+    a = 0
+    while a < len(drafts) and choice[a] == drafts[a]:
+        a += 1
+    tokens = choice[: a + 1]
+    lps = token_logprobs(raw[: a + 1], tokens, [sp.logprobs] * len(tokens)) if raw is not None else None
+    return tokens, lps

@@ -3,11 +3,15 @@
 Each step spends at most `max_batch_tokens`: running decodes first (one token each), then prompt
 chunks of running or newly admitted sequences. A sequence is admitted only when its blocks fit;
 when a running sequence cannot grow, the newest running one is preempted (freed and recomputed later).
+
+With speculative decoding a decoding sequence may compute 1 + k tokens: its last token plus k drafts
+(`seq.draft_tokens`), which the runner verifies; their blocks are reserved here like any others.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleetserve.engine.native.block_manager import BlockManager
@@ -29,8 +33,13 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_batch_tokens: int, max_running_seqs: int):
+    def __init__(self, block_manager: BlockManager, max_batch_tokens: int, max_running_seqs: int,
+                 drafter: Callable[[Sequence, int], list[int]] | None = None, num_speculative_tokens: int = 0,
+                 max_model_len: int | None = None):
         self.bm = block_manager
+        self.drafter = drafter  # (sequence, at most k) -> draft tokens
+        self.num_speculative_tokens = num_speculative_tokens
+        self.max_model_len = max_model_len
         self.max_batch_tokens = max_batch_tokens
         self.max_running_seqs = max_running_seqs
         self.waiting: deque[Sequence] = deque()
@@ -54,6 +63,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free(seq)
+        seq.draft_tokens, seq.next_drafts, seq.draft_computed = [], [], 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
 
@@ -76,6 +86,11 @@ class Scheduler:
                     break
             else:
                 self.bm.allocate(seq, n)
+                drafts = self._drafts(seq, budget) if n == 1 else []
+                if drafts:
+                    self.bm.allocate(seq, n + len(drafts))
+                    n += len(drafts)
+                seq.draft_tokens = drafts
                 scheduled.append(seq)
                 batch.num_tokens.append(n)
                 budget -= n
@@ -97,3 +112,18 @@ class Scheduler:
             budget -= n
         batch.seqs = scheduled
         return batch
+
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        """Draft tokens for a decoding sequence: never past max_tokens, the context window, the step's token
+        budget or the free blocks (all drafts accepted + the bonus token must still be allowed)."""
+        if self.drafter is None or seq.num_uncomputed != 1 or not seq.can_speculate:
+            return []
+        k = min(self.num_speculative_tokens, seq.sampling.max_tokens - seq.num_output_tokens - 1, budget - 1)
+        if self.max_model_len is not None:
+            k = min(k, self.max_model_len - len(seq))
+        if k <= 0:
+            return []
+        drafts = self.drafter(seq, k)[:k]
+        while drafts and not self.bm.can_allocate(seq, 1 + len(drafts)):
+            drafts = drafts[: len(drafts) // 2]
+        return drafts

@@ -37,6 +37,11 @@ class Sequence:
         self.num_emitted = 0  # output tokens already handed to the frontend
         self.prompt_logprobs: list | None = [None] if sampling.prompt_logprobs is not None else None
         self.generator: torch.Generator | None = None
+        # speculative decoding: drafts to verify in the scheduled step (set by the scheduler), drafts an
+        # EAGLE head proposed after the last step, and positions whose draft-head K/V hold target features
+        self.draft_tokens: list[int] = []
+        self.next_drafts: list[int] = []
+        self.draft_computed = 0
         if sampling.seed is not None:
             self.generator = torch.Generator().manual_seed(sampling.seed)
 
@@ -59,6 +64,14 @@ class Sequence:
     def wants_prompt_logprobs(self) -> bool:
         """Prompt positions still lacking a logprob (they are computed with the prefill, chunk by chunk)."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    @property
+    def can_speculate(self) -> bool:
+        """Greedy requests without grammar masks or penalties: acceptance is an argmax match, so the output is
+        the one non-speculative decoding gives. Sampled requests are never speculated (their draws, seeded
+        ones included, stay exactly those of plain decoding)."""
+        sp = self.sampling
+        return sp.greedy and not sp.logits_processors and not sp.needs_penalties
 
     @property
     def is_finished(self) -> bool:
