@@ -454,8 +454,9 @@ def check_backend(cfg: ServeConfig, sources: Mapping[str, str] | None = None) ->
                               "(an EAGLE-1 head: config.json + fc and layers.0 tensors)", "speculative",
                               src("speculative"))
         if cfg.speculative == "eagle3":
-            raise ConfigError(f"speculative 'eagle3' (from {src('speculative')}) needs --backend sglang or vllm; the "
-                              "native engine runs ngram and eagle (EAGLE-1 heads)", "speculative", src("speculative"))
+            raise ConfigError(f"speculative 'eagle3' (from {src('speculative')}) is a setting of the sglang and vllm "
+                              "backends; the native engine runs ngram and eagle (EAGLE-1 heads). Choose --backend "
+                              "sglang or vllm, or --speculative ngram / eagle", "speculative", src("speculative"))
         for field, honoured in GPU_FIELDS.items():
             value = getattr(cfg, field)
             if value not in honoured:

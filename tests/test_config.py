@@ -326,7 +326,7 @@ def test_yaml_file_errors(yaml_file, tmp_path):
 @pytest.mark.parametrize("cli, env, field, source", [
     ({}, {"DEPLOYMENT_CONFIG_JSON": '{"quantization": "awq"}'}, "quantization", "DEPLOYMENT_CONFIG_JSON"),
     ({"kv_cache_dtype": "int8"}, {}, "kv_cache_dtype", "cli"),
-    ({}, {"SPECULATIVE_ALGORITHM": "EAGLE"}, "speculative", "env SPECULATIVE_ALGORITHM"),
+    ({}, {"SPECULATIVE_ALGORITHM": "EAGLE3"}, "speculative", "env SPECULATIVE_ALGORITHM"),
     ({}, {"H100_ONLY": "true"}, "h100_only", "env H100_ONLY"),
     ({"pd": "on"}, {}, "pd", "cli"),
     ({}, {"FLEETSERVE_MEM_FRACTION_STATIC": "0.8"}, "mem_fraction_static", "env FLEETSERVE_MEM_FRACTION_STATIC"),
@@ -339,6 +339,19 @@ def test_native_backend_rejects_gpu_backend_settings(cli, env, field, source):
     assert field in message and source in message and "sglang and vllm" in message and "--backend" in message
     assert (info.value.field, info.value.source) == (field, source)
     load_serve_config({**cli, "backend": "sglang"}, env=env)  # the same setting is fine with a GPU backend
+
+
+def test_native_backend_accepts_ngram_and_eagle_speculation():
+    from fleetserve.server.app import speculative_config
+
+    cfg, _ = load_serve_config({"speculative": "ngram", "speculative_num_draft_tokens": 5}, env={})
+    assert speculative_config(cfg) == {"speculative_method": "ngram", "num_speculative_tokens": 5}
+    with pytest.raises(ConfigError, match="needs --speculative-draft-model-path"):
+        load_serve_config({"speculative": "eagle"}, env={})
+    cfg, _ = load_serve_config({"speculative": "eagle", "speculative_num_steps": 3,
+                                "speculative_draft_model_path": "/tmp"}, env={})
+    assert speculative_config(cfg) == {"speculative_method": "eagle", "num_speculative_tokens": 3,
+                                       "speculative_draft_path": "/tmp"}
 
 
 def test_native_backend_rejects_fp8_and_accepts_what_it_honours():

@@ -371,6 +371,9 @@ def test_native_plan_is_the_fleetserve_worker():
                      ({"precision": "fp8"}, "fp8 is not available with the native engine")):
         with pytest.raises(PlanError, match=msg):
             make(LLAMA8B, "H100", 2, backend="native", **bad)
+    spec = make(LLAMA8B, "H100", 1, backend="native", speculative="ngram", speculative_num_draft_tokens=5)
+    argv = spec.processes[0].argv
+    assert flag(argv, "--speculative") == "ngram" and flag(argv, "--speculative-num-draft-tokens") == "5"
 
 
 def test_seed_json_and_env_keys_reach_the_command_line():

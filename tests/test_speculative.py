@@ -197,3 +197,19 @@ async def test_metrics_expose_acceptance(spec_engine, tokenizer):
     assert drafts > 0 and 0 < accepted <= drafts
     assert value(text, "fleetserve_spec_decode_verifications_total") > 0
     assert value(text, "fleetserve_spec_decode_acceptance_rate") == pytest.approx(accepted / drafts)
+
+
+async def test_stop_string_inside_a_multi_token_event_counts_no_token_after_it(tokenizer):
+    from fleetserve.engine.types import FinishReason, GenerationEvent
+    from fleetserve.server.generation import _text_deltas, collect_text
+
+    ids = tokenizer.encode("Hello there. General Kenobi", add_special_tokens=False)
+    stop_at = next(i for i in range(len(ids)) if "." in tokenizer.decode(ids[: i + 1]))
+
+    async def events():
+        yield GenerationEvent("r", ids[:2])
+        yield GenerationEvent("r", ids[2:], FinishReason.LENGTH)  # several tokens at once, the stop among them
+
+    out = await collect_text(_text_deltas(events(), tokenizer, [1], ["."]))
+    assert out.text == "Hello there" and out.finish_reason == "stop"
+    assert out.token_ids == ids[: stop_at + 1]

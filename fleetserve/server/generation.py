@@ -86,29 +86,34 @@ async def _text_deltas(events, tokenizer: Tokenizer, prompt_ids: list[int],
 
     try:
         async for ev in events:
-            pending_ids.extend(ev.token_ids)
-            if ev.logprobs is not None:
-                pending_lps = pending_lps if pending_lps is not None else []
-                pending_lps.extend(ev.logprobs)
             if ev.prompt_logprobs is not None:
                 prompt_lps = ev.prompt_logprobs
-            new_from = len(text)
-            text += detok.push(ev.token_ids)
-            finish = _finish_name(ev.finish_reason)
-            if finish is not None and finish != "error":
-                text += detok.flush()
-            if stops:
-                at = matcher.find(text, new_from)
-                if at != -1:
-                    yield delta(text[sent:at], "stop")
+            # An event may carry several tokens (speculative decoding): with stop strings each is checked on its
+            # own, so no token after the one completing a stop string is counted or returned.
+            ids = ev.token_ids
+            pieces = [ids[i : i + 1] for i in range(len(ids))] if stops and len(ids) > 1 else [ids]
+            for j, piece in enumerate(pieces):
+                pending_ids.extend(piece)
+                if ev.logprobs is not None:
+                    pending_lps = pending_lps if pending_lps is not None else []
+                    pending_lps.extend(ev.logprobs[j : j + 1] if len(pieces) > 1 else ev.logprobs)
+                new_from = len(text)
+                text += detok.push(piece)
+                finish = _finish_name(ev.finish_reason) if j == len(pieces) - 1 else None
+                if finish is not None and finish != "error":
+                    text += detok.flush()
+                if stops:
+                    at = matcher.find(text, new_from)
+                    if at != -1:
+                        yield delta(text[sent:at], "stop")
+                        return
+                if finish is not None:
+                    yield delta(text[sent:], finish, ev.error)
                     return
-            if finish is not None:
-                yield delta(text[sent:], finish, ev.error)
-                return
-            safe = len(text) - matcher.hold if stops else len(text)
-            if safe > sent:
-                yield delta(text[sent:safe])
-                sent, pending_ids, pending_lps = safe, [], None
+                safe = len(text) - matcher.hold if stops else len(text)
+                if safe > sent:
+                    yield delta(text[sent:safe])
+                    sent, pending_ids, pending_lps = safe, [], None
     finally:
         await events.aclose()
 

@@ -356,7 +356,7 @@ class NativeEngine:
                                  logprobs=logprobs)
             if seq.prompt_logprobs is not None and seq.num_emitted == 0:
                 ev.prompt_logprobs = seq.prompt_logprobs
-            seq.num_emitted += 1
+            seq.num_emitted += max(1, len(tokens or []))
             out.setdefault(loop, []).append((q, ev))
         for loop, items in out.items():
             loop.call_soon_threadsafe(_deliver, items)

@@ -86,7 +86,7 @@ class Scheduler:
                     break
             else:
                 self.bm.allocate(seq, n)
-                drafts = self._drafts(seq, budget) if n == 1 else []
+                drafts = self._drafts(seq, budget, len(decoding)) if n == 1 else []
                 if drafts:
                     self.bm.allocate(seq, n + len(drafts))
                     n += len(drafts)
@@ -113,9 +113,10 @@ class Scheduler:
         batch.seqs = scheduled
         return batch
 
-    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+    def _drafts(self, seq: Sequence, budget: int, reserve: int) -> list[int]:
         """Draft tokens for a decoding sequence: never past max_tokens, the context window, the step's token
-        budget or the free blocks (all drafts accepted + the bonus token must still be allowed)."""
+        budget (all drafts accepted + the bonus token must still be allowed), nor into the free blocks that the
+        `reserve` sequences still to be scheduled may need (drafts never cause a preemption)."""
         if self.drafter is None or seq.num_uncomputed != 1 or not seq.can_speculate:
             return []
         k = min(self.num_speculative_tokens, seq.sampling.max_tokens - seq.num_output_tokens - 1, budget - 1)
@@ -124,6 +125,6 @@ class Scheduler:
         if k <= 0:
             return []
         drafts = self.drafter(seq, k)[:k]
-        while drafts and not self.bm.can_allocate(seq, 1 + len(drafts)):
+        while drafts and self.bm.blocks_needed(seq, 1 + len(drafts)) + reserve > self.bm.num_free:
             drafts = drafts[: len(drafts) // 2]
         return drafts
