@@ -42,12 +42,13 @@ def test_scale_from_zero_to_two_and_back(platform_home, tmp_path):  # noqa: F811
         _wait(lambda: httpx.get(f"{base}/api/v1/deployments/elastic/metrics").json()["current"].get("cold_start_ms"),
               30, "the cold start to be reported")
 
-        # 8 concurrent long streams at target concurrency 2 -> 2 replicas (the max)
+        # 8 concurrent long streams at target concurrency 2 -> 2 replicas (the max); long enough (440 tokens each)
+        # that the load outlasts the second replica's model load on a busy 2-core machine
         results: list[int] = []
 
         def stream(i: int) -> None:
             with httpx.stream("POST", f"{base}/v1/completions", timeout=300, json={
-                    "model": "elastic", "prompt": f"Story {i}:", "max_tokens": 120, "ignore_eos": True,
+                    "model": "elastic", "prompt": f"Story {i}:", "max_tokens": 440, "ignore_eos": True,
                     "stream": True}) as resp:
                 done = resp.status_code == 200 and any(line == "data: [DONE]" for line in resp.iter_lines())
                 results.append(resp.status_code if done else -1)
@@ -55,8 +56,12 @@ def test_scale_from_zero_to_two_and_back(platform_home, tmp_path):  # noqa: F811
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
         for th in threads:
             th.start()
-        _wait(lambda: httpx.get(f"{base}/api/v1/deployments/elastic").json()["ready_replicas"] == 2, 240,
-              "scale-up to 2 replicas")
+        try:
+            _wait(lambda: httpx.get(f"{base}/api/v1/deployments/elastic").json()["ready_replicas"] == 2, 240,
+                  "scale-up to 2 replicas")
+        except AssertionError as exc:
+            events = httpx.get(f"{base}/api/v1/deployments/elastic/events").json()["events"]
+            raise AssertionError(f"{exc}; results so far {results}; events {[e['message'] for e in events]}") from None
         for th in threads:
             th.join(300)
         assert results == [200] * 8  # no failed request
