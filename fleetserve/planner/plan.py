@@ -70,18 +70,24 @@ def gpu_ranges(gpus: list[int]) -> str:
     return ",".join(map(str, gpus))
 
 
-def tp_problem(mi: ModelInfo, tp: int) -> str | None:
-    """Why `mi` cannot be split over `tp` GPUs by tensor parallelism, or None if it can."""
+def tp_split_problem(num_heads: int, num_kv_heads: int, intermediate_size: int, tp: int) -> str | None:
+    """Why a model with these shapes cannot be split over `tp` ranks, or None. One rule for the planner
+    and the native engine's tensor parallelism (each rank holds whole heads; KV heads may be replicated)."""
     if tp == 1:
         return None
     problems = []
-    if mi.num_attention_heads % tp:
-        problems.append(f"its {mi.num_attention_heads} attention heads are not divisible by {tp}")
-    if mi.num_kv_heads % tp and tp % mi.num_kv_heads:
-        problems.append(f"its {mi.num_kv_heads} KV heads neither divide by {tp} nor divide {tp}")
-    if mi.intermediate_size % tp:
-        problems.append(f"its MLP width {mi.intermediate_size} is not divisible by {tp}")
+    if num_heads % tp:
+        problems.append(f"its {num_heads} attention heads are not divisible by {tp}")
+    if num_kv_heads % tp and tp % num_kv_heads:
+        problems.append(f"its {num_kv_heads} KV heads neither divide by {tp} nor divide {tp}")
+    if intermediate_size % tp:
+        problems.append(f"its MLP width {intermediate_size} is not divisible by {tp}")
     return "; ".join(problems) or None
+
+
+def tp_problem(mi: ModelInfo, tp: int) -> str | None:
+    """Why `mi` cannot be split over `tp` GPUs by tensor parallelism, or None if it can."""
+    return tp_split_problem(mi.num_attention_heads, mi.num_kv_heads, mi.intermediate_size, tp)
 
 
 def valid_tps(mi: ModelInfo, max_tp: int) -> list[int]:

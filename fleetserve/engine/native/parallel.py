@@ -56,17 +56,10 @@ SINGLE = TPGroup()
 
 
 def tp_problem(cfg: ModelConfig, tp: int) -> str | None:
-    """Why `cfg` cannot be split over `tp` ranks, or None (same rules as the planner's)."""
-    if tp == 1:
-        return None
-    problems = []
-    if cfg.num_heads % tp:
-        problems.append(f"its {cfg.num_heads} attention heads are not divisible by {tp}")
-    if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
-        problems.append(f"its {cfg.num_kv_heads} KV heads neither divide by {tp} nor divide {tp}")
-    if cfg.intermediate_size % tp:
-        problems.append(f"its MLP width {cfg.intermediate_size} is not divisible by {tp}")
-    return "; ".join(problems) or None
+    """Why `cfg` cannot be split over `tp` ranks, or None (the planner's rule)."""
+    from fleetserve.planner.plan import tp_split_problem
+
+    return tp_split_problem(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, tp)
 
 
 def valid_tp_sizes(cfg: ModelConfig, limit: int = 8) -> list[int]:

@@ -42,6 +42,30 @@ def _load_kv(base, bt_row, pos, pmask, block_size, stride_t, d):
 
 
 @triton.jit
+def _tile(base_k, base_v, bt_row, pos, pmask, block_size, stride_kt, stride_vt, d, F32: tl.constexpr):
+    """K and V tiles for positions `pos` (in fp32 when the kernel computes in fp32)."""
+    k = _load_kv(base_k, bt_row, pos, pmask, block_size, stride_kt, d)
+    v = _load_kv(base_v, bt_row, pos, pmask, block_size, stride_vt, d)
+    if F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, sm_scale):
+    """One key tile of flash attention's running softmax (base 2: sm_scale includes log2 e)."""
+    qk = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
+    qk = tl.where(allowed, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _cast_out(x, ptr, F32: tl.constexpr):
     """x (fp32) in the output's dtype. The interpreter (F32) truncates fp32 -> bf16: round to nearest even
     first, as the GPU and torch do."""
@@ -87,19 +111,9 @@ def _decode_kernel(
     for s in range(start, end, BLOCK_N):
         pos = s + n
         pmask = pos < end
-        k = _load_kv(K + hkv * stride_kh, bt_row, pos, pmask, block_size, stride_kt, d)
-        v = _load_kv(V + hkv * stride_vh, bt_row, pos, pmask, block_size, stride_vt, d)
-        if F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
-        qk = tl.where(pmask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        k, v = _tile(K + hkv * stride_kh, V + hkv * stride_vh, bt_row, pos, pmask, block_size, stride_kt,
+                     stride_vt, d, F32)
+        m_i, l_i, acc = _online_softmax_step(q, k, v, pmask[None, :], m_i, l_i, acc, sm_scale)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = Out + b * stride_ot + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     if SPLITS == 1:
@@ -162,22 +176,12 @@ def _prefill_kernel(
     for s in range(lo, hi, BLOCK_N):
         pos = s + n
         pmask = pos < hi
-        k = _load_kv(K + hkv * stride_kh, bt_row, pos, pmask, block_size, stride_kt, d)
-        v = _load_kv(V + hkv * stride_vh, bt_row, pos, pmask, block_size, stride_vt, d)
-        if F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
+        k, v = _tile(K + hkv * stride_kh, V + hkv * stride_vh, bt_row, pos, pmask, block_size, stride_kt,
+                     stride_vt, d, F32)
         allowed = pmask[None, :] & (pos[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
             allowed = allowed & (pos[None, :] > q_pos[:, None] - window)
-        qk = tl.where(allowed, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, m_i, l_i, acc, sm_scale)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(Out + rows[:, None] * stride_ot + h * stride_oh + d[None, :], _cast_out(out, Out, F32),
              mask=mmask[:, None])
