@@ -192,7 +192,11 @@ def test_form_shows_api_validation_and_conflicts(platform, open_page):
     assert page.get_by_label("Hugging Face token (optional)").get_attribute("type") == "password"
     # fields the API does not accept yet are not offered
     text = page.inner_text("main").lower()
-    assert "tensor parallel" not in text and "scale to zero" not in text and "gpu type" not in text
+    assert "scale to zero" not in text and "gpu type" not in text
+    # the native engine's speed options are offered as the API takes them (engine_args)
+    assert page.get_by_label("Speculative decoding").input_value() == ""
+    assert "ngram" in page.get_by_label("Speculative decoding").inner_text()
+    assert page.get_by_label("Tensor parallel size").get_attribute("type") == "number"
 
     page.get_by_label("Deployment name").fill("Bad_Name")
     page.get_by_label("Min replicas").fill("3")

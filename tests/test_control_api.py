@@ -61,6 +61,10 @@ async def test_create_get_list_and_secret_never_returned(api):
     ({"name": "ok", "tp_size": 2}, "tp_size"),
     ({"name": "ok", "engine_args": {"max_batch_tokens": -1}}, "engine_args"),
     ({"name": "ok", "engine_args": {"foo": 1}}, "engine_args"),
+    ({"name": "ok", "engine_args": {"quantization": "awq"}}, "engine_args"),
+    ({"name": "ok", "engine_args": {"speculative": "eagle"}}, "engine_args"),  # needs a draft model path
+    ({"name": "ok", "engine_args": {"tp_size": True}}, "engine_args"),
+    ({"name": "ok", "model": "org/m", "backend": "vllm", "engine_args": {"speculative": "ngram"}}, "engine_args"),
     ({"name": "ok", "autoscale": {"target_concurrency": 0}}, "autoscale"),
 ])
 async def test_invalid_specs_are_422_naming_the_field(api, body, field):
@@ -216,3 +220,26 @@ def test_deploy_cli_passes_the_backend(monkeypatch):
     assert sent[0]["backend"] == "sglang" and sent[0]["replicas"] == {"min": 1, "max": 1}
     CliRunner().invoke(app, ["deploy", "default", "--name", "chat"])
     assert "backend" not in sent[1]  # the API's default (native)
+
+
+async def test_native_engine_args_reach_the_replica_as_serve_options(api):
+    """Speed options chosen for a deployment (console or API) become `fleetserve serve` flags that the
+    worker's own CLI accepts (checked with its --dry-run, which validates without starting)."""
+    from typer.testing import CliRunner
+
+    from fleetserve.cli import app
+    from fleetserve.control.providers.local import LocalProvider
+    from tests.net import free_port
+
+    c, p = api
+    args = {"quantization": "fp8", "kv_cache_dtype": "fp8_e4m3", "speculative": "ngram", "speculative_num_steps": 3,
+            "attention_backend": "torch", "max_batch_tokens": 512}
+    r = await c.post("/api/v1/deployments", json=spec(name="fast", engine_args=args))
+    assert r.status_code == 201, r.text
+    argv = LocalProvider(p.home).command(p.store.get("fast").spec, free_port())
+    for flag, value in (("--quantization", "fp8"), ("--kv-cache-dtype", "fp8_e4m3"), ("--speculative", "ngram"),
+                        ("--speculative-num-steps", "3"), ("--attention-backend", "torch")):
+        assert argv[argv.index(flag) + 1] == value
+    result = CliRunner().invoke(app, [*argv[argv.index("serve"):], "--dry-run"], env={"NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert "config valid" in result.output

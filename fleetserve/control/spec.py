@@ -23,8 +23,14 @@ CLOUD_FIELDS = {"region": ("hathora",), "image": ("hathora", "kubernetes"), "cpu
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
-# engine_args a deployment may pass to its workers (fleetserve serve options)
-ENGINE_ARGS = {"max_batch_tokens", "max_running_seqs", "kv_cache_tokens", "block_size", "max_queue_len"}
+# engine_args a deployment may pass to its workers (fleetserve serve options): int = a positive integer,
+# str = a non-empty string, a tuple = one of those values
+ENGINE_ARGS: dict[str, Any] = {
+    "max_batch_tokens": int, "max_running_seqs": int, "kv_cache_tokens": int, "block_size": int, "max_queue_len": int,
+    "tp_size": int, "quantization": ("fp8",), "kv_cache_dtype": ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+    "attention_backend": ("auto", "torch", "triton"), "speculative": ("none", "ngram", "eagle"),
+    "speculative_num_steps": int, "speculative_draft_model_path": str,
+}
 # ... and those the sglang / vllm backends honour (the KV pool size, the queue limit)
 REMOTE_ENGINE_ARGS = {"kv_cache_tokens", "max_queue_len"}
 # backends each provider can start: a remote backend's replica is `fleetserve serve --backend B` on this
@@ -174,12 +180,19 @@ class DeploymentSpec(BaseModel):
     def _engine_args(cls, v: dict[str, Any], info) -> dict[str, Any]:
         backend = info.data.get("backend") or "native"
         allowed = ENGINE_ARGS if backend == "native" else REMOTE_ENGINE_ARGS
-        unknown = sorted(set(v) - allowed)
+        unknown = sorted(set(v) - set(allowed))
         if unknown:
             raise ValueError(f"unsupported engine_args {unknown} with backend {backend}; allowed: {sorted(allowed)}")
         for k, val in v.items():
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            kind = ENGINE_ARGS[k]
+            if kind is int and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
                 raise ValueError(f"engine_args.{k} must be a positive integer")
+            if kind is str and (not isinstance(val, str) or not val.strip()):
+                raise ValueError(f"engine_args.{k} must be a non-empty string")
+            if isinstance(kind, tuple) and val not in kind:
+                raise ValueError(f"engine_args.{k} must be one of {', '.join(kind)}")
+        if v.get("speculative") == "eagle" and not v.get("speculative_draft_model_path"):
+            raise ValueError("engine_args.speculative eagle needs engine_args.speculative_draft_model_path")
         return v
 
     def public(self) -> dict[str, Any]:

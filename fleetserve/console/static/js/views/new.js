@@ -11,6 +11,16 @@ const ENGINE_ARGS = [
   ["kv_cache_tokens", "KV cache tokens", "KV pool size in tokens. Default: sized from memory."],
   ["block_size", "KV block size", "Tokens per KV cache block."],
   ["max_queue_len", "Max queue length", "Waiting requests before HTTP 429. Default 256."],
+  ["tp_size", "Tensor parallel size", "Processes (GPUs on CUDA) per replica, each with a shard of the weights. Default 1."],
+];
+// native-engine options chosen from a list ("" = the engine's default, not sent)
+const ENGINE_CHOICES = [
+  ["quantization", "Weight quantization", [["", "none"], ["fp8", "fp8 (per-channel scales)"]],
+    "FP8 weights: fast on Hopper GPUs; emulated (slow) on CPU."],
+  ["kv_cache_dtype", "KV cache dtype", [["", "model's"], ["fp8_e4m3", "fp8_e4m3"], ["fp8_e5m2", "fp8_e5m2"]],
+    "One byte per K/V value: twice the tokens of bf16 in the same memory."],
+  ["speculative", "Speculative decoding", [["", "none"], ["ngram", "ngram (prompt lookup)"]],
+    "Greedy requests draft tokens from their own context; output is unchanged."],
 ];
 
 export function render(main, _params, ctx) {
@@ -51,6 +61,9 @@ export function render(main, _params, ctx) {
   const replicaMax = number("f-replicas-max", { min: "1", max: "64", value: "1" });
   const engine = ENGINE_ARGS.map(([key, label, help]) =>
     [key, field(`engine_args.${key}`, label, number(`f-ea-${key}`, { min: "1", placeholder: "default" }), help)]);
+  for (const [key, label, options, help] of ENGINE_CHOICES) {
+    engine.push([key, field(`engine_args.${key}`, label, select(`f-ea-${key}`, options, ""), help)]);
+  }
   const engineError = h("p", { class: "field-error", id: "f-engine-args-error", dataset: { errorFor: "engine_args" } });
   fields.engine_args = { input: null, error: engineError };
   const replicasError = h("p", { class: "field-error", id: "f-replicas-error", dataset: { errorFor: "replicas" } });
@@ -155,6 +168,10 @@ function collect(form, fields) {
   for (const [key] of ENGINE_ARGS) {
     const v = int(`engine_args.${key}`);
     if (v !== undefined) engineArgs[key] = v;
+  }
+  for (const [key] of ENGINE_CHOICES) {
+    const v = value(`engine_args.${key}`);
+    if (v) engineArgs[key] = v;
   }
   if (Object.keys(engineArgs).length) spec.engine_args = engineArgs;
   return spec;
