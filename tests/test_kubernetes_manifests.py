@@ -161,3 +161,23 @@ def test_cli_dry_run_prints_yaml_without_a_cluster_or_the_token(monkeypatch):
     r = CliRunner().invoke(app, ["deploy", "default", "-n", "x", "--provider", "kubernetes", "--region", "Tokyo",
                                  "--dry-run"])
     assert r.exit_code == 2 and "region" in r.output
+
+
+def test_engine_args_from_the_cli_reach_the_worker_config_and_bad_ones_exit_2():
+    from fleetserve.config import check_backend, load_serve_config
+
+    r = CliRunner().invoke(app, ["deploy", "default", "-n", "fast", "--provider", "kubernetes", "--dry-run", "-o",
+                                 "json", "-e", "speculative=ngram", "-e", "speculative_num_steps=3",
+                                 "--engine-arg", "kv_cache_dtype=fp8_e4m3", "-e", "max_batch_tokens=512"])
+    assert r.exit_code == 0, r.output
+    deployment = next(o for o in json.loads(r.stdout)["items"] if o["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    cfg_json = json.loads(env["DEPLOYMENT_CONFIG_JSON"])
+    assert cfg_json["speculative"] == "ngram" and cfg_json["speculative_num_steps"] == 3
+    assert cfg_json["kv_cache_dtype"] == "fp8_e4m3" and cfg_json["max_batch_tokens"] == 512
+    cfg, _ = load_serve_config({}, env={"DEPLOYMENT_CONFIG_JSON": env["DEPLOYMENT_CONFIG_JSON"]})
+    check_backend(cfg)  # the worker accepts what the deployment sends
+    assert cfg.speculative == "ngram" and cfg.kv_cache_dtype == "fp8_e4m3" and cfg.max_batch_tokens == 512
+    for bad, why in ((["-e", "speculative"], "KEY=VALUE"), (["-e", "quantization=awq"], "engine_args")):
+        r = CliRunner().invoke(app, ["deploy", "default", "-n", "x", "--provider", "kubernetes", "--dry-run", *bad])
+        assert r.exit_code == 2 and why in r.output, r.output

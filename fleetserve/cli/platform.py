@@ -153,6 +153,11 @@ def deploy(
         "--dry-run", help="Print instead of deploying (no cluster or platform needed): Kubernetes manifests "
                           "(-o yaml or json; secrets are ${HF_TOKEN} / ${FLEETSERVE_API_KEY} placeholders) or, "
                           "with --provider modal, a Modal app for `modal deploy`.")] = False,
+    engine_arg: Annotated[list[str] | None, typer.Option(
+        "--engine-arg", "-e", help="KEY=VALUE passed to every replica's engine, repeatable: max_batch_tokens, "
+        "max_running_seqs, kv_cache_tokens, block_size, max_queue_len, tp_size, quantization=fp8, "
+        "kv_cache_dtype=fp8_e4m3|fp8_e5m2, attention_backend, speculative=ngram|eagle, speculative_num_steps, "
+        "speculative_draft_model_path (sglang/vllm: kv_cache_tokens, max_queue_len).")] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the deployment is running.")] = False,
     url: URL_OPT = DEFAULT_URL, api_key: KEY_OPT = None,
     output: Annotated[str, typer.Option("--output", "-o", help="table | json; yaml with --dry-run")] = "table",
@@ -172,6 +177,8 @@ def deploy(
     k8s = {k: v for k, v in (("namespace", namespace), ("autoscaler", autoscaler)) if v is not None}
     if k8s:
         spec["kubernetes"] = k8s
+    if engine_arg:
+        spec["engine_args"] = _engine_args(engine_arg)
     if dry_run:
         _dry_run(spec, output)
         return
@@ -189,6 +196,19 @@ def deploy(
     if wait:
         d = _wait_running(url, api_key, name)
     _emit(d, output, lambda x: _table([x]))
+
+
+def _engine_args(pairs: list[str]) -> dict[str, int | str]:
+    """KEY=VALUE strings -> engine_args (integers as integers; the API validates names and values)."""
+    out: dict[str, int | str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            err.print(f"[bold red]error:[/] --engine-arg {pair!r}: expected KEY=VALUE, e.g. speculative=ngram")
+            raise typer.Exit(2)
+        value = value.strip()
+        out[key.strip().replace("-", "_")] = int(value) if value.isdigit() else value
+    return out
 
 
 def _dry_run(spec: dict, output: str) -> None:
