@@ -66,7 +66,8 @@ def up(
     if not no_default_deployment:
         console.print(f"  try:     curl {base}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
                       "-d '{\"model\": \"default\", \"messages\": [{\"role\": \"user\", \"content\": "
-                      "\"What is the capital of France?\"}]}'", soft_wrap=True, highlight=False, markup=False)
+                      "\"What is the capital of France?\"}], \"temperature\": 0}'", soft_wrap=True, highlight=False,
+                      markup=False)
     asyncio.run(server.serve())
 
 
