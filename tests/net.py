@@ -1,13 +1,17 @@
-"""Loopback plumbing shared by the tests: a free port, and an ASGI app under uvicorn in a background thread."""
+"""Loopback plumbing shared by the tests: a free port, an ASGI app under uvicorn in a background thread, and
+polling until a server or deployment reaches a state."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
 import uvicorn
 
 
@@ -38,3 +42,23 @@ def serve_in_thread(app, **config) -> Iterator[str]:
         server.should_exit = True
         thread.join(30)
         assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    """Polls `predicate` until it returns something truthy (returned) or `timeout` seconds pass (AssertionError
+    with the last value). HTTP errors count as "not yet"; with `proc`, its exit fails at once, and `log`'s
+    tail goes into the message."""
+    tail = (lambda: log.read_text()[-3000:]) if log is not None else (lambda: "")
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) while waiting for {what}:\n{tail()}")
+        try:
+            last = predicate()
+            if last:
+                return last
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; last: {last}\n{tail()}")

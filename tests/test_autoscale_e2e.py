@@ -11,24 +11,24 @@ import time
 import httpx
 import pytest
 
-from tests.net import free_port as _free_port
-from tests.test_platform_e2e import _start_up, _wait, platform_home  # noqa: F401 (fixture)
+from tests.net import free_port, wait_for
+from tests.test_platform_e2e import _start_up, platform_home  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
 
 def test_scale_from_zero_to_two_and_back(platform_home, tmp_path):  # noqa: F811
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     up = _start_up(platform_home, port, tmp_path / "up.log")
     try:
-        _wait(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "the platform")
+        wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "the platform")
         r = httpx.post(f"{base}/api/v1/deployments", json={
             "name": "elastic", "model": "default", "max_model_len": 512, "replicas": {"min": 0, "max": 2},
             "autoscale": {"target_concurrency": 2, "scale_up_cooldown_s": 2, "scale_down_cooldown_s": 5,
                           "scale_to_zero_after_s": 15, "window_s": 3}})
         assert r.status_code == 201, r.text
-        _wait(lambda: httpx.get(f"{base}/api/v1/deployments/elastic").json()["status"] == "scaled_to_zero", 30,
+        wait_for(lambda: httpx.get(f"{base}/api/v1/deployments/elastic").json()["status"] == "scaled_to_zero", 30,
               "scaled_to_zero at start")
 
         # the first request is held while a replica starts (cold start), then served
@@ -38,8 +38,8 @@ def test_scale_from_zero_to_two_and_back(platform_home, tmp_path):  # noqa: F811
         assert first.status_code == 200, first.text
         assert first.json()["choices"][0]["message"]["content"] == "The capital of France is Paris."
         assert time.time() - t0 > 1  # it really waited for a model load
-        point = _wait(lambda: httpx.get(f"{base}/api/v1/deployments/elastic/metrics").json()["current"], 30, "metrics")
-        _wait(lambda: httpx.get(f"{base}/api/v1/deployments/elastic/metrics").json()["current"].get("cold_start_ms"),
+        point = wait_for(lambda: httpx.get(f"{base}/api/v1/deployments/elastic/metrics").json()["current"], 30, "metrics")
+        wait_for(lambda: httpx.get(f"{base}/api/v1/deployments/elastic/metrics").json()["current"].get("cold_start_ms"),
               30, "the cold start to be reported")
 
         # 8 concurrent long streams at target concurrency 2 -> 2 replicas (the max); long enough (440 tokens each)
@@ -57,7 +57,7 @@ def test_scale_from_zero_to_two_and_back(platform_home, tmp_path):  # noqa: F811
         for th in threads:
             th.start()
         try:
-            _wait(lambda: httpx.get(f"{base}/api/v1/deployments/elastic").json()["ready_replicas"] == 2, 240,
+            wait_for(lambda: httpx.get(f"{base}/api/v1/deployments/elastic").json()["ready_replicas"] == 2, 240,
                   "scale-up to 2 replicas")
         except AssertionError as exc:
             events = httpx.get(f"{base}/api/v1/deployments/elastic/events").json()["events"]
@@ -69,7 +69,7 @@ def test_scale_from_zero_to_two_and_back(platform_home, tmp_path):  # noqa: F811
         events = [e["message"] for e in httpx.get(f"{base}/api/v1/deployments/elastic/events").json()["events"]]
         assert any(m.startswith("scaled 1 -> 2:") and "concurrent requests > target 2" in m for m in events), events
         # idle -> back to zero
-        _wait(lambda: httpx.get(f"{base}/api/v1/deployments/elastic").json()["status"] == "scaled_to_zero", 120,
+        wait_for(lambda: httpx.get(f"{base}/api/v1/deployments/elastic").json()["status"] == "scaled_to_zero", 120,
               "scale to zero when idle")
         events = [e["message"] for e in httpx.get(f"{base}/api/v1/deployments/elastic/events").json()["events"]]
         assert any("-> 0: no request for" in m for m in events)

@@ -38,7 +38,7 @@ from fleetserve.engine.native.engine import EngineConfig, NativeEngine
 from fleetserve.models import resolve_model
 from fleetserve.server.app import create_app, new_state
 from fleetserve.tokenizer import Tokenizer
-from tests.net import free_port, serve_in_thread
+from tests.net import free_port, serve_in_thread, wait_for
 from tests.reference import write_tiny_checkpoint
 from tests.worker_apps import value
 
@@ -281,23 +281,6 @@ def _clean_env(home: Path) -> dict[str, str]:
     return {**env, "FLEETSERVE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
 
 
-def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}) while waiting for {what}:\n"
-                                 f"{log.read_text()[-3000:] if log else ''}")
-        try:
-            last = predicate()
-            if last:
-                return last
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last: {last}\n{log.read_text()[-3000:] if log else ''}")
-
-
 def test_unwritable_log_directory_worker_serves_and_reports_it(tiny_dir, tmp_path):
     """`fleetserve serve --log-file` in a directory that cannot be created or written: the real process starts,
     serves, says why on stderr, and reports `log_file_error` in /health (`/logs` answers 503 with it)."""
@@ -316,7 +299,7 @@ def test_unwritable_log_directory_worker_serves_and_reports_it(tiny_dir, tmp_pat
                             env=_clean_env(tmp_path / "home"), stdout=out.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 120, "readiness", proc, out)
+        wait_for(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 120, "readiness", proc, out)
         health = httpx.get(f"{url}/health").json()
         assert health["status"] == "ok"
         assert health["log_file_error"] and str(log_file.parent) in health["log_file_error"]
@@ -382,12 +365,12 @@ def test_replica_killed_mid_stream_only_its_streams_fail_and_it_is_replaced(tiny
                           start_new_session=True)
     pids: set[int] = set()
     try:
-        _wait(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "the platform", up, out)
+        wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "the platform", up, out)
         r = httpx.post(f"{base}/api/v1/deployments", json={
             "name": "tiny", "model": str(tiny_dir), "replicas": {"min": 2, "max": 2}, "max_model_len": 2048,
             "engine_args": {"kv_cache_tokens": 65536}})
         assert r.status_code == 201, r.text
-        d = _wait(lambda: (x := httpx.get(f"{base}/api/v1/deployments/tiny").json())["status"] == "running" and x,
+        d = wait_for(lambda: (x := httpx.get(f"{base}/api/v1/deployments/tiny").json())["status"] == "running" and x,
                   180, "two ready replicas", up, out)
         reps = {rep["pid"]: rep["url"] for rep in d["replicas"]}
         pids |= set(reps)
@@ -431,7 +414,7 @@ def test_replica_killed_mid_stream_only_its_streams_fail_and_it_is_replaced(tiny
             assert "error" not in x["lines"][-2]
 
         # the reconciler replaces the killed replica
-        d = _wait(lambda: (x := httpx.get(f"{base}/api/v1/deployments/tiny").json())["status"] == "running"
+        d = wait_for(lambda: (x := httpx.get(f"{base}/api/v1/deployments/tiny").json())["status"] == "running"
                   and victim not in [rep["pid"] for rep in x["replicas"]] and x, 180, "a replacement", up, out)
         pids |= {rep["pid"] for rep in d["replicas"]}
         assert len(d["replicas"]) == 2 and survivor in [rep["pid"] for rep in d["replicas"]]
@@ -474,7 +457,7 @@ def test_soak_one_minute_against_a_real_worker(tiny_dir, tmp_path):
                              "--max-model-len", "512"], env=env, stdout=out.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 120, "readiness", proc, out)
+        wait_for(lambda: httpx.get(f"{url}/readyz", timeout=2).status_code == 200, 120, "readiness", proc, out)
         report = tmp_path / "soak.json"
         soak = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "benchmarks" / "soak.py"),
                                "--url", url, "--pid", str(proc.pid), "--duration", "60", "--warmup", "15",

@@ -9,13 +9,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from openai import OpenAI
-from tests.net import free_port
+from tests.net import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -27,20 +26,6 @@ def _start_up(home: Path, port: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fleetserve", "up", "--port", str(port), "--no-default-deployment",
                              "--keep-replicas"], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last: {last}")
 
 
 def _replica_requests(url: str) -> float:
@@ -64,7 +49,7 @@ def test_deploy_chat_restart_replace_delete(platform_home, tmp_path):
     up = _start_up(platform_home, port, log)
     replica_pids: list[int] = []
     try:
-        _wait(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "the platform")
+        wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "the platform")
         # bad specs: 422 naming the field; duplicates: 409
         bad = httpx.post(f"{base}/api/v1/deployments", json={"name": "Bad_Name", "model": "default"})
         assert bad.status_code == 422 and "name" in str(bad.json()["detail"][0]["loc"])
@@ -77,7 +62,7 @@ def test_deploy_chat_restart_replace_delete(platform_home, tmp_path):
         assert "hf_" + "x" * 30 not in r.text
         assert httpx.post(f"{base}/api/v1/deployments", json={"name": "chat"}).status_code == 409
 
-        d = _wait(lambda: (x := httpx.get(f"{base}/api/v1/deployments/chat").json())["status"] == "running" and x,
+        d = wait_for(lambda: (x := httpx.get(f"{base}/api/v1/deployments/chat").json())["status"] == "running" and x,
                   300, "two ready replicas")
         assert d["ready_replicas"] == 2 and len(d["replicas"]) == 2
         urls = [rep["url"] for rep in d["replicas"]]
@@ -101,7 +86,7 @@ def test_deploy_chat_restart_replace_delete(platform_home, tmp_path):
 
         logs = httpx.get(f"{base}/api/v1/deployments/chat/logs", params={"tail": 5}).json()["lines"]
         assert {item["replica"] for item in logs} == {rep["id"] for rep in d["replicas"]}
-        metrics = _wait(lambda: (m := httpx.get(f"{base}/api/v1/deployments/chat/metrics").json())["series"]
+        metrics = wait_for(lambda: (m := httpx.get(f"{base}/api/v1/deployments/chat/metrics").json())["series"]
                         and m["current"]["replicas"] == 2 and m, 30, "metrics")
         assert {"requests_per_s", "ttft_p50_ms", "ttft_p95_ms", "tokens_per_s", "queue_depth", "running",
                 "kv_usage", "replicas"} <= set(metrics["current"])
@@ -112,8 +97,8 @@ def test_deploy_chat_restart_replace_delete(platform_home, tmp_path):
         os.killpg(up.pid, signal.SIGKILL)
         up.wait()
         up = _start_up(platform_home, port, log)
-        _wait(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "the restarted platform")
-        d = _wait(lambda: (x := httpx.get(f"{base}/api/v1/deployments/chat").json())["status"] == "running" and x,
+        wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "the restarted platform")
+        d = wait_for(lambda: (x := httpx.get(f"{base}/api/v1/deployments/chat").json())["status"] == "running" and x,
                   60, "re-adopted replicas")
         assert sorted(rep["pid"] for rep in d["replicas"]) == sorted(replica_pids)  # re-adopted, not restarted
         reply = client.chat.completions.create(model="chat", temperature=0, messages=[
@@ -122,7 +107,7 @@ def test_deploy_chat_restart_replace_delete(platform_home, tmp_path):
 
         # a replica killed with SIGKILL is replaced
         os.kill(replica_pids[0], signal.SIGKILL)
-        d = _wait(lambda: (x := httpx.get(f"{base}/api/v1/deployments/chat").json())["status"] == "running"
+        d = wait_for(lambda: (x := httpx.get(f"{base}/api/v1/deployments/chat").json())["status"] == "running"
                   and replica_pids[0] not in [rep["pid"] for rep in x["replicas"]] and x, 300, "a replacement")
         replica_pids = [rep["pid"] for rep in d["replicas"]]
         assert any("exited" in e["message"] for e in
@@ -134,8 +119,8 @@ def test_deploy_chat_restart_replace_delete(platform_home, tmp_path):
 
         # delete: replicas stop, then 404
         assert httpx.delete(f"{base}/api/v1/deployments/chat").status_code == 202
-        _wait(lambda: httpx.get(f"{base}/api/v1/deployments/chat").status_code == 404, 60, "deletion")
-        _wait(lambda: not any(_alive(p) for p in replica_pids), 30, "replicas to exit")
+        wait_for(lambda: httpx.get(f"{base}/api/v1/deployments/chat").status_code == 404, 60, "deletion")
+        wait_for(lambda: not any(_alive(p) for p in replica_pids), 30, "replicas to exit")
     finally:
         os.killpg(up.pid, signal.SIGKILL)
         up.wait()

@@ -20,7 +20,6 @@ import stat
 import string
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -31,6 +30,7 @@ from typer.testing import CliRunner
 from fleetserve.cli import app as cli_app
 from fleetserve.config import ServeConfig
 from fleetserve.control.platform import Platform, create_platform_app
+from tests.net import wait_for
 from tests.reference import write_tiny_checkpoint
 from tests.worker_apps import client, make_app
 
@@ -167,21 +167,6 @@ def _clean_env(home: Path) -> dict[str, str]:
     return {**env, "FLEETSERVE_HOME": str(home), "HF_HUB_OFFLINE": "1"}
 
 
-def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"exited while waiting for {what}:\n{log.read_text()[-3000:]}"
-        try:
-            last = predicate()
-            if last:
-                return last
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last: {last}\n{log.read_text()[-3000:]}")
-
-
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
@@ -215,7 +200,7 @@ def test_planted_secrets_are_found_nowhere(tmp_path, tokenizer):
         return r
 
     try:
-        _wait(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "the platform", up, out)
+        wait_for(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "the platform", up, out)
         spec = {"name": "sec", "model": str(model), "hf_token": hf_token, "replicas": {"min": 1, "max": 1},
                 "engine_args": {"kv_cache_tokens": 4096}}
         assert call("POST", "/api/v1/deployments", json=spec).status_code == 401  # no key
@@ -227,7 +212,7 @@ def test_planted_secrets_are_found_nowhere(tmp_path, tokenizer):
                     headers=auth).status_code == 422
         assert call("PATCH", "/api/v1/deployments/sec", json={"hf_token": hf_token}, headers=auth).status_code == 422
         assert call("GET", "/api/v1/deployments", headers={"Authorization": f"Bearer {hf_token}"}).status_code == 401
-        d = _wait(lambda: (x := httpx.get(f"{base}/api/v1/deployments/sec", headers=auth).json())["status"]
+        d = wait_for(lambda: (x := httpx.get(f"{base}/api/v1/deployments/sec", headers=auth).json())["status"]
                   == "running" and x, 180, "the replica", up, out)
         replica = d["replicas"][0]
         pids = [up.pid, replica["pid"]]
