@@ -39,15 +39,25 @@ def _apply_controls(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[in
         out_ids = seq.output_token_ids
         for proc in sp.logits_processors:
             proc(out_ids, row)
-        if sp.logit_bias:
-            idx = torch.tensor(list(sp.logit_bias), device=row.device)
-            row.index_add_(0, idx, torch.tensor(list(sp.logit_bias.values()), device=row.device, dtype=row.dtype))
+        _add_logit_bias(row, sp)
         if sp.needs_penalties:
             _penalise(row, seq)
         if seq.num_output_tokens < sp.min_tokens:
-            banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else eos_ids)
-            if banned:
-                row[banned] = float("-inf")
+            _ban_ending(row, sp, eos_ids)
+
+
+def _add_logit_bias(logits: torch.Tensor, sp) -> None:
+    """OpenAI logit_bias, added in place to a row [V] or to every row of [R, V]."""
+    if sp.logit_bias:
+        idx = torch.tensor(list(sp.logit_bias), device=logits.device)
+        logits[..., idx] += torch.tensor(list(sp.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+
+
+def _ban_ending(logits: torch.Tensor, sp, eos_ids: list[int]) -> None:
+    """min_tokens not reached yet: no stop token (nor EOS, unless ignored) may be chosen."""
+    banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else eos_ids)
+    if banned:
+        logits[..., banned] = float("-inf")
 
 
 def _penalise(row: torch.Tensor, seq: Sequence) -> None:
@@ -154,14 +164,10 @@ def verify_greedy(logits: torch.Tensor, seq: Sequence, drafts: list[int], eos_id
     (all accepted drafts + one bonus token), with their logprobs when asked for."""
     sp = seq.sampling
     raw = logits.clone() if sp.logprobs is not None else None
-    if sp.logit_bias:
-        idx = torch.tensor(list(sp.logit_bias), device=logits.device)
-        logits[:, idx] += torch.tensor(list(sp.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+    _add_logit_bias(logits, sp)
     banned_rows = sp.min_tokens - seq.num_output_tokens  # row j has num_output_tokens + j outputs before it
     if banned_rows > 0:
-        banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else eos_ids)
-        if banned:
-            logits[:banned_rows, banned] = float("-inf")
+        _ban_ending(logits[:banned_rows], sp, eos_ids)
     choice = logits.argmax(dim=-1).tolist()
     a = 0
     while a < len(drafts) and choice[a] == drafts[a]:
