@@ -11,7 +11,6 @@ origins are configured), body size limit. Inference routers include `INFERENCE_D
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Mapping
@@ -155,9 +154,7 @@ def run_server(cfg: ServeConfig, sources: Mapping[str, str] | None = None) -> No
         run_planned_server(cfg, sources)
         return
 
-    import uvicorn
-
-    from fleetserve.server.drain import DrainingServer
+    from fleetserve.server.drain import serve_worker
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     console = Console(stderr=True)
@@ -173,30 +170,17 @@ def run_server(cfg: ServeConfig, sources: Mapping[str, str] | None = None) -> No
     state = new_state(cfg, files)
     state.log_file = None if log_file_error else log_file
     state.log_file_error = log_file_error
-    server: DrainingServer | None = None
-    exit_code = 0
 
-    def fail() -> None:
-        nonlocal exit_code
-        exit_code = 1
-        if server is not None:
-            server.should_exit = True
+    def announce() -> None:
+        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+        base = f"http://{host}:{cfg.port}"
+        console.print(f"[bold green]fleetserve[/] serving [bold]{state.served_model_name}[/] at [link]{base}/v1[/]"
+                      f"  (ready when {base}/readyz answers 200)")
+        console.print(
+            f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{state.served_model_name}\", "
+            f"\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'",
+            soft_wrap=True, highlight=False, markup=False)
 
-    app = create_app(state, on_load_failure=fail)
-    # log_config=None: uvicorn's own loggers propagate to ours (JSON, redaction, the log file);
-    # access_log=False: RequestContextMiddleware writes the access log (with request ids).
-    server = DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=2),
-                            state, cfg.drain_timeout_s)
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
-    base = f"http://{host}:{cfg.port}"
-    console.print(f"[bold green]fleetserve[/] serving [bold]{state.served_model_name}[/] at [link]{base}/v1[/]"
-                  f"  (ready when {base}/readyz answers 200)")
-    console.print(
-        f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
-        f"-d '{{\"model\": \"{state.served_model_name}\", "
-        f"\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'",
-        soft_wrap=True, highlight=False, markup=False)
-    asyncio.run(server.serve())
-    if exit_code:
-        raise SystemExit(exit_code)
+    serve_worker(lambda fail: create_app(state, on_load_failure=fail), state, cfg.host, cfg.port,
+                 cfg.drain_timeout_s, before_serve=announce)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -99,3 +100,29 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
         self._drain_task = asyncio.ensure_future(run())
+
+
+def serve_worker(make_app: Callable[[Callable[[], None]], object], state: WorkerState, host: str, port: int,
+                 drain_timeout_s: float, before_serve: Callable[[], None] | None = None) -> None:
+    """Runs a worker app until SIGTERM/SIGINT (drained: exit 0). `make_app(fail)` builds the app; the app
+    calls `fail()` when its engine cannot serve (load failure, engine process death): the server then stops
+    and the process exits 1, so the platform sees a failed replica rather than a silent one."""
+    server: DrainingServer | None = None
+    failed = False
+
+    def fail() -> None:
+        nonlocal failed
+        failed = True
+        if server is not None:
+            server.should_exit = True
+
+    app = make_app(fail)
+    # log_config=None: uvicorn's own loggers propagate to ours (JSON, redaction, the log file);
+    # access_log=False: RequestContextMiddleware writes the access log (with request ids).
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_config=None, log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=2), state, drain_timeout_s)
+    if before_serve is not None:
+        before_serve()
+    asyncio.run(server.serve())
+    if failed:
+        raise SystemExit(1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,6 +34,7 @@ from fleetserve.planner.types import Process
 from fleetserve.server.auth import INFERENCE_DEPENDENCIES, require_api_key, require_metrics_access
 from fleetserve.server.errors import install_error_handlers
 from fleetserve.server.middleware import BodyLimitMiddleware, RequestContextMiddleware, add_cors
+from fleetserve.server.routes_health import worker_health
 from fleetserve.server.state import WorkerState
 
 log = logging.getLogger("fleetserve.remote")
@@ -175,12 +175,7 @@ def create_remote_app(state: WorkerState, engine: RemoteEngine, *, on_failure=No
             "pd_bootstrap_port": engine.pd_bootstrap_port,
             "processes": engine.launcher.describe(),
             "max_model_len": engine.max_model_len,
-            "uptime_s": round(time.time() - state.started_at, 3),
-            "timestamp": time.time(),
-            "hathora_region": cfg.hathora_region,
-            "hathora_process_id": cfg.hathora_process_id,
-            "draining": state.draining,
-            "requests_in_flight": state.in_flight,
+            **worker_health(state),
             **({"error": engine.error} if engine.error else {}),
         }
 
@@ -259,10 +254,8 @@ def run_remote_server(cfg: ServeConfig, processes: list[Process], *, backend: st
     """Serve `cfg.host:cfg.port` in front of the launched processes; exits 1 if an engine process dies."""
     import sys
 
-    import uvicorn
-
     from fleetserve.server.app import configure_worker_logging
-    from fleetserve.server.drain import DrainingServer
+    from fleetserve.server.drain import serve_worker
 
     log_file, log_file_error = configure_worker_logging(cfg)
     state = new_remote_state(cfg, served_model_name)
@@ -271,22 +264,9 @@ def run_remote_server(cfg: ServeConfig, processes: list[Process], *, backend: st
     launcher = EngineLauncher(processes, log_dir or fleetserve_home() / "logs" / f"engines-{cfg.port}", extra_env,
                               python=python or sys.executable)
     engine = RemoteEngine(launcher, entry_url, backend, max_model_len, pd_mode, pd_bootstrap_port)
-    server: DrainingServer | None = None
-    exit_code = 0
-
-    def fail() -> None:
-        nonlocal exit_code
-        exit_code = 1
-        if server is not None:
-            server.should_exit = True
-
-    app = create_remote_app(state, engine, on_failure=fail, ready_timeout_s=ready_timeout_s,
-                            spec_num_steps=spec_num_steps)
-    server = DrainingServer(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=2), state, cfg.drain_timeout_s)
-    asyncio.run(server.serve())
-    if exit_code:
-        raise SystemExit(exit_code)
+    serve_worker(lambda fail: create_remote_app(state, engine, on_failure=fail, ready_timeout_s=ready_timeout_s,
+                                                spec_num_steps=spec_num_steps),
+                 state, cfg.host, cfg.port, cfg.drain_timeout_s)
 
 
 def run_planned_server(cfg: ServeConfig, sources: Mapping[str, str] | None = None) -> None:

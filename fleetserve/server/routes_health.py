@@ -40,6 +40,18 @@ async def readyz(state: Annotated[WorkerState, Depends(get_state)]):
     return JSONResponse(body, status_code=503)
 
 
+def worker_health(state: WorkerState) -> dict:
+    """The /health fields every worker reports, whichever engine is behind it."""
+    return {
+        "uptime_s": round(time.time() - state.started_at, 3),
+        "timestamp": time.time(),
+        "hathora_region": state.config.hathora_region,
+        "hathora_process_id": state.config.hathora_process_id,
+        "draining": state.draining,
+        "requests_in_flight": state.in_flight,
+    }
+
+
 @router.get("/health")
 async def health(state: Annotated[WorkerState, Depends(get_state)]) -> dict:
     status = _engine_status(state)
@@ -53,12 +65,7 @@ async def health(state: Annotated[WorkerState, Depends(get_state)]) -> dict:
         "backend": "native",
         "device": state.device,
         "max_model_len": engine.max_model_len if engine else cfg.max_model_len,
-        "uptime_s": round(time.time() - state.started_at, 3),
-        "timestamp": time.time(),
-        "hathora_region": cfg.hathora_region,
-        "hathora_process_id": cfg.hathora_process_id,
-        "draining": state.draining,
-        "requests_in_flight": state.in_flight,
+        **worker_health(state),
         "log_file": str(state.log_file) if state.log_file else None,
         "log_file_error": state.log_file_error,
         **({"error": state.load_error} if state.load_error else {}),
