@@ -179,7 +179,8 @@ def run_server(cfg: ServeConfig, sources: Mapping[str, str] | None = None) -> No
         console.print(
             f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
             f"-d '{{\"model\": \"{state.served_model_name}\", "
-            f"\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'",
+            f"\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}], "
+            f"\"temperature\": 0}}'",
             soft_wrap=True, highlight=False, markup=False)
 
     serve_worker(lambda fail: create_app(state, on_load_failure=fail), state, cfg.host, cfg.port,
