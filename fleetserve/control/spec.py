@@ -108,7 +108,9 @@ class DeploymentSpec(BaseModel):
     max_model_len: int | None = Field(None, ge=16)
     replicas: Replicas = Field(default_factory=Replicas)
     autoscale: AutoscalePolicy = Field(default_factory=AutoscalePolicy)
-    engine_args: dict[str, Any] = Field(default_factory=dict)
+    engine_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "options for every replica's engine (fleetserve serve options): " + ", ".join(ENGINE_ARGS)
+        + "; with sglang / vllm only " + ", ".join(sorted(REMOTE_ENGINE_ARGS))))
 
     @field_validator("name")
     @classmethod
