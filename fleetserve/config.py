@@ -128,7 +128,7 @@ ALLOWED = {
     "max_batch_tokens": "a positive integer (tokens per engine step)",
     "max_running_seqs": "a positive integer",
     "kv_cache_tokens": "a positive integer (KV pool size in tokens)",
-    "attention_backend": "one of auto, torch, triton",
+    "attention_backend": "one of auto, torch, cpu, triton",
     "kv_cache_memory": "a size like 2GiB, 512MiB, 1.5GB or a number of bytes (KV pool size in memory)",
     "block_size": "one of " + ", ".join(map(str, BLOCK_SIZES)),
     "max_queue_len": "a positive integer",
@@ -248,7 +248,7 @@ class ServeConfig(BaseModel):
     max_running_seqs: int = Field(64, ge=1)
     kv_cache_tokens: int | None = Field(None, ge=1)  # None: sized automatically
     kv_cache_memory: int | None = Field(None, ge=1)  # bytes; kv_cache_tokens wins when both are set
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    attention_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
     block_size: int = 16
     max_queue_len: int = Field(256, ge=1)
     enable_prefix_caching: bool = True  # share KV blocks of common prompt prefixes between requests

@@ -8,7 +8,6 @@ the session (nothing else in the test process runs Triton code; on CPU the engin
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import os
 import sys
@@ -25,56 +24,25 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from fleetserve.engine.native import triton_attention as ta  # noqa: E402
+from fleetserve.engine.native import cpu_kernels  # noqa: E402
 from fleetserve.engine.native.attention import (  # noqa: E402
     AttentionMetadata,
-    PrefillSegment,
     paged_attention,
     resolve_attention_backend,
 )
+from tests.attention_cases import ENGINE_CASE_IDS, ENGINE_CASES, greedy_tokens_by_backend, torch_meta  # noqa: E402
+from tests.attention_cases import case as _make_case  # noqa: E402
 
 DEVICE = torch.device("cpu" if ta.INTERPRETED else "cuda")
-NUM_BLOCKS = 48
-TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def _case(seqs: list[tuple[int, int]], hkv: int, group: int, d: int, block_size: int, dtype, seed: int = 0):
-    """Random q/k/v for a flat batch of (cached tokens, new tokens) sequences, decodes (new == 1) first, and
-    a random cache whose blocks are handed out in shuffled order. Returns the tensors and both metadata."""
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(DEVICE)  # noqa: E731
-    k_cache, v_cache = rand(NUM_BLOCKS, block_size, hkv, d), rand(NUM_BLOCKS, block_size, hkv, d)
-    free = torch.randperm(NUM_BLOCKS, generator=g).tolist()
-    tables = []
-    for cached, new in seqs:
-        nblocks = -(-(cached + new) // block_size)
-        tables.append([free.pop() for _ in range(nblocks)])
-    t = sum(new for _, new in seqs)
-    q, k, v = rand(t, hkv * group, d), rand(t, hkv, d), rand(t, hkv, d)
-    slots, segments, row = [], [], 0
-    for (cached, new), table in zip(seqs, tables):
-        slots += [table[p // block_size] * block_size + p % block_size for p in range(cached, cached + new)]
-        if new > 1 or cached == 0:
-            bt = torch.tensor(table, device=DEVICE) if cached else None
-            segments.append(PrefillSegment(row, row + new, cached + new, bt))
-        row += new
-    nd = len(seqs) - len(segments)
-    assert all(new == 1 and cached for cached, new in seqs[:nd]), "decodes first"
-    slot_mapping = torch.tensor(slots, device=DEVICE)
-    return (q, k, v, k_cache, v_cache), tables, slot_mapping, nd, segments
+def _case(seqs, hkv, group, d, block_size, dtype, seed=0):
+    return _make_case(seqs, hkv, group, d, block_size, dtype, seed, DEVICE)
 
 
 def _torch_meta(seqs, tables, slot_mapping, nd, segments, block_size, window):
-    meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode=nd, prefills=segments)
-    if nd:
-        width = max(len(t) for t in tables[:nd])
-        meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables[:nd]], device=DEVICE)
-        ctx = torch.tensor([c + 1 for c, _ in seqs[:nd]], device=DEVICE)
-        span = torch.arange(width * block_size, device=DEVICE)
-        mask = span[None, :] < ctx[:, None]
-        if window:
-            mask &= span[None, :] >= (ctx - window)[:, None]
-        meta.decode_mask = mask.view(nd, 1, 1, -1)
-    return meta
+    return torch_meta(seqs, tables, slot_mapping, nd, segments, block_size, window, DEVICE)
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def _triton_meta(seqs, tables, slot_mapping, nd, segments):
@@ -189,7 +157,7 @@ def test_head_dim_must_be_a_power_of_two():
 
 def test_backend_resolution():
     cpu = torch.device("cpu")
-    assert resolve_attention_backend("auto", cpu) == "torch"
+    assert resolve_attention_backend("auto", cpu) == ("cpu" if cpu_kernels.load_error() is None else "torch")
     assert resolve_attention_backend("torch", cpu) == "torch"
     assert resolve_attention_backend("triton", cpu) == ("triton" if ta.INTERPRETED else "torch")
     with pytest.raises(ValueError, match="attention_backend"):
@@ -197,32 +165,8 @@ def test_backend_resolution():
 
 
 @pytest.mark.skipif(not ta.INTERPRETED, reason="the engine test runs the CPU engine")
-@pytest.mark.parametrize("arch,overrides", [
-    ("llama", dict(num_key_value_heads=2)),
-    ("mistral", dict(num_key_value_heads=1, sliding_window=12)),
-], ids=["llama-gqa2", "mistral-window"])
+@pytest.mark.parametrize("arch,overrides", ENGINE_CASES, ids=ENGINE_CASE_IDS)
 async def test_engine_greedy_tokens_match_torch_backend(tmp_path, tokenizer, arch, overrides):
-    """The whole engine path (runner metadata, chunked prefill over a cached prefix, prefix-cache hits,
-    mixed decode + prefill steps) with the Triton kernels gives the torch backend's greedy tokens."""
-    from fleetserve.engine.native.engine import EngineConfig, NativeEngine
-    from tests.reference import engine_generate, write_tiny_checkpoint
-
-    path = write_tiny_checkpoint(tmp_path / arch, arch, tokenizer, hidden_size=64, num_attention_heads=2,
-                                 num_hidden_layers=2, **overrides)  # head_dim 32
-    prompts = [tokenizer.encode(t) for t in ("The capital of France is", "word " * 30, "1, 2, 3, 4, 5,")]
-    prompts.append(prompts[1] + tokenizer.encode(" and then"))  # shares cached blocks with prompts[1]
-    results = {}
-    for backend in ("torch", "triton"):
-        cfg = EngineConfig(max_model_len=256, max_batch_tokens=24, block_size=8, kv_cache_tokens=1024,
-                           attention_backend=backend)
-        engine = NativeEngine.load("hf", path, tokenizer.eos_token_ids, cfg, torch.device("cpu"), torch.float32)
-        assert engine.attention_backend == backend
-        engine.start()
-        try:
-            first = await engine_generate(engine, prompts[1], 6, min_tokens=6)
-            batch = await asyncio.gather(*(engine_generate(engine, p, 10, min_tokens=10) for p in prompts))
-            results[backend] = [first, *batch]
-            assert engine.stats().prefix_cache_hit_tokens > 0
-        finally:
-            await engine.shutdown(drain=False)
+    """The whole engine path with the Triton kernels gives the torch backend's greedy tokens."""
+    results = await greedy_tokens_by_backend(tmp_path, tokenizer, arch, overrides, ("torch", "triton"))
     assert results["triton"] == results["torch"]

@@ -104,8 +104,9 @@ def serve(
         "\\[default: 2 GiB or a fifth of free RAM on CPU, 85% of free GPU memory on CUDA]",
         rich_help_panel=_ENGINE)] = None,
     attention_backend: Annotated[str | None, typer.Option(
-        help="Attention over the paged KV cache: auto (Triton kernels on CUDA when triton is installed, "
-        "PyTorch SDPA otherwise), torch, or triton (CUDA only). \\[default: auto]", rich_help_panel=_ENGINE)] = None,
+        help="Attention over the paged KV cache: auto (Triton kernels on CUDA when triton is installed; on a CPU "
+        "the C decode kernel when a C compiler is there; PyTorch SDPA otherwise), torch, cpu (CPU only), or "
+        "triton (CUDA only). \\[default: auto]", rich_help_panel=_ENGINE)] = None,
     prefix_caching: Annotated[bool | None, typer.Option(
         "--prefix-caching/--no-prefix-caching", help="Share the KV cache of common prompt prefixes between "
         "requests (a shared system prompt is computed once). \\[default: on]", rich_help_panel=_ENGINE,
@@ -384,4 +385,6 @@ def _check_device(cfg: ServeConfig) -> str:
         raise _Problem(str(exc)) from None
     if cfg.attention_backend == "triton" and device.type != "cuda":
         raise _Problem(f"attention_backend 'triton' runs on CUDA GPUs; the device here is {device} (use auto or torch)")
+    if cfg.attention_backend == "cpu" and device.type != "cpu":
+        raise _Problem(f"attention_backend 'cpu' runs on CPUs; the device here is {device} (use auto or triton)")
     return f"{device} ({str(dtype).removeprefix('torch.')})"

@@ -28,7 +28,7 @@ NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENGINE_ARGS: dict[str, Any] = {
     "max_batch_tokens": int, "max_running_seqs": int, "kv_cache_tokens": int, "block_size": int, "max_queue_len": int,
     "tp_size": int, "quantization": ("fp8",), "kv_cache_dtype": ("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
-    "attention_backend": ("auto", "torch", "triton"), "speculative": ("none", "ngram", "eagle"),
+    "attention_backend": ("auto", "torch", "cpu", "triton"), "speculative": ("none", "ngram", "eagle"),
     "speculative_num_steps": int, "speculative_draft_model_path": str,
 }
 # ... and those the sglang / vllm backends honour (the KV pool size, the queue limit)

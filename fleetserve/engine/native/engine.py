@@ -60,8 +60,9 @@ class EngineConfig:
     quantization: str | None = None  # "fp8": FP8 weights with per-channel scales (fp8.py)
     kv_cache_dtype: str | None = None  # None/"auto": the model dtype; "fp8", "fp8_e4m3", "fp8_e5m2"
     tensor_parallel_size: int = 1  # > 1: this process is rank 0, ranks 1.. are worker processes (tp_workers.py)
-    # "auto": Triton kernels on CUDA when triton imports, plain torch otherwise; "torch"; "triton" (on a CPU
-    # only under TRITON_INTERPRET=1, for tests). See attention.resolve_attention_backend.
+    # "auto": Triton kernels on CUDA when triton imports, the C decode kernel on a CPU when it builds, plain
+    # torch otherwise; "torch"; "cpu"; "triton" (on a CPU only under TRITON_INTERPRET=1, for tests). See
+    # attention.resolve_attention_backend.
     attention_backend: str = "auto"
     # speculative decoding of greedy requests (docs/ARCHITECTURE.md "Speculative decoding"):
     # None, "ngram" (prompt lookup, no extra weights) or "eagle" (an EAGLE-1 draft head at speculative_draft_path)
@@ -83,7 +84,8 @@ class NativeEngine:
             raise ValueError("max_batch_tokens must be at least 1")
         self.tp_size = model.tp.size
         self._model = model
-        self.attention_backend = resolve_attention_backend(cfg.attention_backend, device, self.kv_dtype)
+        self.attention_backend = resolve_attention_backend(cfg.attention_backend, device, self.kv_dtype,
+                                                           model_cfg.num_heads, model_cfg.num_kv_heads)
         num_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache(model_cfg, num_blocks, cfg.block_size, self.kv_dtype, device, self.tp_size)
         if self.tp_size > 1:

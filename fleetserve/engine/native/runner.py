@@ -25,7 +25,8 @@ class ModelRunner:
         self.eos_ids = eos_ids
         self.device = device
         self.bs = block_manager.block_size
-        self.triton = attention_backend == "triton"  # resolved ("torch" | "triton"), see resolve_attention_backend
+        self.backend = attention_backend  # resolved: "torch" | "cpu" | "triton" (see resolve_attention_backend)
+        self.triton = attention_backend == "triton"
         self.eagle = None  # an EagleDrafter when the engine drafts with an EAGLE head
         self.spec_draft_tokens = self.spec_accepted_tokens = self.spec_verifications = 0
 
@@ -67,16 +68,24 @@ class ModelRunner:
         elif decode:
             max_blocks = max(len(s.block_table) for s in decode)
             tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in decode]
-            meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
-            ctx = torch.tensor([s.num_computed_tokens + 1 for s in decode], device=dev)
-            span = torch.arange(max_blocks * self.bs, device=dev)
-            mask = span[None, :] < ctx[:, None]
-            window = self.model.cfg.sliding_window
-            if window:
-                mask &= span[None, :] >= (ctx - window)[:, None]
-            meta.decode_mask = mask.view(len(decode), 1, 1, -1)
+            ctx = [s.num_computed_tokens + 1 for s in decode]
+            if self.backend == "cpu":  # the C kernel: int32 tables and lengths, no mask
+                meta.backend = "cpu"
+                meta.decode_block_tables = torch.tensor(tables, dtype=torch.int32)
+                meta.decode_context_lens = torch.tensor(ctx, dtype=torch.int32)
+            else:
+                meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
+                meta.decode_mask = self._decode_mask(torch.tensor(ctx, device=dev), max_blocks)
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
                 meta, sample_rows, sample_seqs, pairs, prompt_lp, spec)
+
+    def _decode_mask(self, ctx: torch.Tensor, max_blocks: int) -> torch.Tensor:
+        span = torch.arange(max_blocks * self.bs, device=ctx.device)
+        mask = span[None, :] < ctx[:, None]
+        window = self.model.cfg.sliding_window
+        if window:
+            mask &= span[None, :] >= (ctx - window)[:, None]
+        return mask.view(len(ctx), 1, 1, -1)
 
     def _triton_metadata(self, meta: AttentionMetadata, pairs) -> None:
         """One row per sequence (decodes first, as in the batch): block table, context length, query rows."""

@@ -1,0 +1,142 @@
+"""C kernels for the CPU path (csrc/), built on first use with the machine's C compiler and called with ctypes.
+
+Why C and ctypes rather than a torch C++ extension: the kernel needs no torch headers, so it compiles in a
+fraction of a second (a torch extension takes ~30 s on two cores), and ctypes releases the GIL while it runs.
+The shared object is cached under ``~/.cache/fleetserve/kernels`` (``$FLEETSERVE_KERNEL_CACHE``; a read-only
+home falls back to the temp folder), named by a
+hash of the source, the compiler and its flags; concurrent builds (several replicas starting at once) each
+write their own temporary file and rename it into place. Without a compiler `load()` says why, and the
+engine uses the plain PyTorch attention instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+# -ffast-math: vectorised reductions and expf; the kernel keeps every value finite (the softmax max starts
+# from the first score), so finite-math-only changes nothing. -march=native: the build runs where it is used.
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-shared", "-fPIC", "-std=c99"]
+MAX_GROUP = 64  # query heads per KV head the kernel accepts (its stack arrays)
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def _cache_dirs() -> list[Path]:
+    """Where a build may go, in order: a read-only home (a locked-down container) falls back to /tmp."""
+    configured = os.environ.get("FLEETSERVE_KERNEL_CACHE")
+    if configured:
+        return [Path(configured)]
+    return [Path.home() / ".cache" / "fleetserve" / "kernels",
+            Path(tempfile.gettempdir()) / f"fleetserve-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"]
+
+
+def _compiler() -> str | None:
+    configured = os.environ.get("CC")
+    if configured:
+        return shutil.which(configured) or None
+    return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
+
+
+def _cpu_signature() -> str:
+    """-march=native code runs only on CPUs like the one that built it: a shared home must not mix them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *CFLAGS, _cpu_signature()]).encode())
+    name = f"paged_attention-{key.hexdigest()[:16]}.so"
+    for folder in _cache_dirs():
+        if (folder / name).exists():
+            return folder / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+            break
+        except OSError as exc:
+            error = exc
+    else:
+        raise error
+    os.close(fd)
+    target = folder / name
+    try:
+        done = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, or None when they cannot be built here (`load_error()` says why)."""
+    global _lib, _error
+    with _lock:
+        if _lib is not None or _error is not None:
+            return _lib
+        cc = _compiler()
+        if cc is None:
+            _error = "no C compiler found (cc, gcc or clang; or set CC)"
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            _error = f"{type(exc).__name__}: {exc}"
+            log.warning("CPU attention kernel unavailable, using the PyTorch path: %s", _error)
+            return None
+        fn = lib.fs_paged_decode
+        fn.restype = ctypes.c_int
+        fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+                       + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+        _lib = lib
+        return _lib
+
+
+def load_error() -> str | None:
+    load()
+    return _error
+
+
+def supports(num_heads: int, num_kv_heads: int, kv_dtype: torch.dtype) -> bool:
+    return kv_dtype in (torch.float32, torch.bfloat16) and num_heads // num_kv_heads <= MAX_GROUP
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
+    """One query token per sequence ([B, Hq, D]) against its blocks of a [blocks, block_size, Hkv, D] cache.
+    block_tables [B, max_blocks] and context_lens [B] are contiguous int32 on the CPU."""
+    lib = load()
+    assert lib is not None, "decode_attention called without the kernel (resolve_attention_backend checks)"
+    b, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    qf = q.float().contiguous()
+    out = torch.empty_like(qf)
+    rc = lib.fs_paged_decode(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+                             block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), b, hq, hkv, d,
+                             block_size, scale, sliding_window or 0, out.data_ptr(), 0, b)
+    if rc != 0:
+        raise MemoryError("CPU decode attention could not allocate its score buffer")
+    return out if q.dtype == torch.float32 else out.to(q.dtype)

@@ -1,0 +1,119 @@
+"""The CPU paged decode-attention kernel (engine/native/csrc/paged_attention.c via cpu_kernels.py) against the
+torch reference path of `paged_attention`, its build and fallback, and whole engines on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fleetserve.engine.native import cpu_kernels
+from fleetserve.engine.native.attention import AttentionMetadata, paged_attention, resolve_attention_backend
+from tests.attention_cases import ENGINE_CASE_IDS, ENGINE_CASES, case, greedy_tokens_by_backend, torch_meta
+
+pytestmark = pytest.mark.skipif(cpu_kernels.load_error() is not None,
+                                reason=f"the CPU kernel does not build here: {cpu_kernels.load_error()}")
+
+# context lengths 2, 16, 17, 45, 130 and one exactly on a block boundary (a cached prefix of 31 + the new token)
+DECODES = [(1, 1), (15, 1), (16, 1), (44, 1), (129, 1), (31, 1)]
+CPU = torch.device("cpu")
+
+
+def _cpu_meta(seqs, tables, slot_mapping, nd, segments):
+    width = max(len(t) for t in tables[:nd])
+    return AttentionMetadata(
+        slot_mapping=slot_mapping, num_decode=nd, prefills=segments, backend="cpu",
+        decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables[:nd]], dtype=torch.int32),
+        decode_context_lens=torch.tensor([c + 1 for c, _ in seqs[:nd]], dtype=torch.int32))
+
+
+def _compare(seqs, *, hkv=2, group=1, d=32, block_size=16, dtype=torch.float32, window=None, seed=0):
+    tensors, tables, slot_mapping, nd, segments = case(seqs, hkv, group, d, block_size, dtype, seed)
+    scale = d**-0.5
+    # reference: the torch path in fp32 on the same (rounded) inputs; both paths write the new K/V first
+    ref = paged_attention(*[x.float().clone() for x in tensors],
+                          torch_meta(seqs, tables, slot_mapping, nd, segments, block_size, window), scale, window)
+    q, k, v, k_cache, v_cache = (x.clone() for x in tensors)
+    out = paged_attention(q, k, v, k_cache, v_cache, _cpu_meta(seqs, tables, slot_mapping, nd, segments),
+                          scale, window)
+    assert out.dtype == dtype and out.shape == q.shape
+    # fp32 math on both sides: only the summation order differs (bf16 adds the rounding of the output)
+    torch.testing.assert_close(out.float(), ref, atol=2e-6 if dtype == torch.float32 else 1e-2, rtol=0)
+    return out.float(), ref
+
+
+@pytest.mark.parametrize("dtype,hkv,group,d,window,block_size", [
+    (torch.float32, 2, 1, 32, None, 16),
+    (torch.float32, 1, 3, 32, None, 16),
+    (torch.float32, 3, 3, 64, None, 16),  # the embedded model's shape: 9 query heads on 3 KV heads, dim 64
+    (torch.float32, 2, 3, 32, 20, 16),
+    (torch.float32, 2, 4, 32, None, 8),
+    (torch.float32, 1, 8, 128, 33, 32),
+    (torch.bfloat16, 2, 3, 64, None, 16),
+    (torch.bfloat16, 1, 2, 32, 9, 16),
+], ids=["fp32-mha", "fp32-gqa3", "fp32-smollm2", "fp32-gqa3-window", "fp32-block8", "fp32-d128-window",
+        "bf16-gqa3", "bf16-window"])
+def test_decode_matches_reference(dtype, hkv, group, d, window, block_size):
+    _compare(DECODES, hkv=hkv, group=group, d=d, dtype=dtype, window=window, block_size=block_size)
+
+
+def test_decodes_and_prefill_chunks_in_one_batch():
+    """The engine's layout: decodes first (the kernel), then chunks (SDPA), with and without cached prefixes."""
+    seqs = [(30, 1), (64, 1), (2, 1), (0, 17), (40, 12)]
+    _compare(seqs, group=3, seed=1)
+    _compare(seqs, group=3, window=10, seed=2)
+
+
+def test_wrong_answers_are_caught():
+    """The comparison has teeth: the kernel run with a window the reference does not have fails it."""
+    seqs = [(50, 1), (30, 1)]
+    tensors, tables, slot_mapping, nd, segments = case(seqs, 2, 1, 32, 16, torch.float32)
+    ref = paged_attention(*[x.clone() for x in tensors],
+                          torch_meta(seqs, tables, slot_mapping, nd, segments, 16, None), 0.2, None)
+    out = paged_attention(*[x.clone() for x in tensors], _cpu_meta(seqs, tables, slot_mapping, nd, segments),
+                          0.2, 8)
+    assert (out - ref).abs().max() > 1e-2
+
+
+def test_backend_resolution():
+    assert resolve_attention_backend("auto", CPU) == "cpu"
+    assert resolve_attention_backend("cpu", CPU, torch.bfloat16, 9, 3) == "cpu"
+    assert resolve_attention_backend("torch", CPU) == "torch"
+    # an FP8 cache or fp16 cache is not read by the kernel: auto falls back quietly, "cpu" says why
+    for kv in (torch.float8_e4m3fn, torch.float16):
+        assert resolve_attention_backend("auto", CPU, kv) == "torch"
+        with pytest.raises(ValueError, match="attention_backend 'cpu' reads an fp32 or bf16 KV cache"):
+            resolve_attention_backend("cpu", CPU, kv)
+    with pytest.raises(ValueError, match="attention_backend 'cpu' runs on CPUs"):
+        resolve_attention_backend("cpu", torch.device("cuda"))
+
+
+def test_without_a_compiler_auto_falls_back_and_cpu_says_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setattr(cpu_kernels, "_error", None)
+    monkeypatch.setenv("CC", "no-such-compiler")
+    assert resolve_attention_backend("auto", CPU) == "torch"
+    with pytest.raises(ValueError, match="needs its C kernel, which did not build: no C compiler found"):
+        resolve_attention_backend("cpu", CPU)
+    # a compiler that fails: the error names it, and nothing half-written is left in the cache
+    monkeypatch.setattr(cpu_kernels, "_error", None)
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("FLEETSERVE_KERNEL_CACHE", str(tmp_path))
+    assert cpu_kernels.load() is None and "failed" in cpu_kernels.load_error()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLEETSERVE_KERNEL_CACHE", str(tmp_path))
+    first = cpu_kernels._build(cpu_kernels._compiler())
+    assert first.parent == tmp_path and first.suffix == ".so"
+    mtime = first.stat().st_mtime_ns
+    assert cpu_kernels._build(cpu_kernels._compiler()) == first and first.stat().st_mtime_ns == mtime
+    monkeypatch.setattr(cpu_kernels, "CFLAGS", [*cpu_kernels.CFLAGS, "-DFS_TEST_VARIANT"])
+    assert cpu_kernels._build(cpu_kernels._compiler()) != first
+
+
+@pytest.mark.parametrize("arch,overrides", ENGINE_CASES, ids=ENGINE_CASE_IDS)
+async def test_engine_greedy_tokens_match_torch_backend(tmp_path, tokenizer, arch, overrides):
+    results = await greedy_tokens_by_backend(tmp_path, tokenizer, arch, overrides, ("torch", "cpu"))
+    assert results["cpu"] == results["torch"]
+
