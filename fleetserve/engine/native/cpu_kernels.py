@@ -26,7 +26,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 # -ffast-math: vectorised reductions and expf; the kernel keeps every value finite (the softmax max starts
 # from the first score), so finite-math-only changes nothing. -march=native: the build runs where it is used.
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-shared", "-fPIC", "-std=c99"]
@@ -65,7 +65,7 @@ def _cpu_signature() -> str:
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *CFLAGS, _cpu_signature()]).encode())
-    name = f"paged_attention-{key.hexdigest()[:16]}.so"
+    name = f"cpu_kernels-{key.hexdigest()[:16]}.so"
     for folder in _cache_dirs():
         if (folder / name).exists():
             return folder / name
@@ -107,12 +107,18 @@ def load() -> ctypes.CDLL | None:
             _error = f"{type(exc).__name__}: {exc}"
             log.warning("CPU attention kernel unavailable, using the PyTorch path: %s", _error)
             return None
-        fn = lib.fs_paged_decode
-        fn.restype = ctypes.c_int
-        fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-                       + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+        ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        _signature(lib.fs_paged_decode, ctypes.c_int, [ptr] * 3 + [i32, ptr, i32, ptr] + [i32] * 5
+                   + [f32, i32, ptr, i32, i32])
+        _signature(lib.fs_rms_norm, None, [ptr, ptr, ptr, i32, i32, f32])
+        _signature(lib.fs_silu_mul, None, [ptr, ptr, i32, i32])
+        _signature(lib.fs_rope, None, [ptr, ctypes.c_long, i32, i32, i32, ptr, ptr])
         _lib = lib
         return _lib
+
+
+def _signature(fn, restype, argtypes) -> None:
+    fn.restype, fn.argtypes = restype, argtypes
 
 
 def load_error() -> str | None:
@@ -128,8 +134,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      context_lens: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
     """One query token per sequence ([B, Hq, D]) against its blocks of a [blocks, block_size, Hkv, D] cache.
     block_tables [B, max_blocks] and context_lens [B] are contiguous int32 on the CPU."""
-    lib = load()
-    assert lib is not None, "decode_attention called without the kernel (resolve_attention_backend checks)"
+    lib = _kernels()
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     qf = q.float().contiguous()
@@ -140,3 +145,41 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if rc != 0:
         raise MemoryError("CPU decode attention could not allocate its score buffer")
     return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def _kernels() -> ctypes.CDLL:
+    """The library in a process that has not loaded it yet (a tensor-parallel worker) is built or loaded now;
+    rank 0 resolved the backend, so it is there."""
+    lib = _lib if _lib is not None else load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are not available in this process: {_error}")
+    return lib
+
+
+# ---- the fused per-layer ops of the fp32 CPU path (model.py uses them when the step's backend is "cpu") ----
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    assert x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    _kernels().fs_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for [T, 2 * inter] rows laid out [gate | up] (the fused gate_up projection's output)."""
+    assert gate_up.is_contiguous() and gate_up.dtype == torch.float32
+    rows, width = gate_up.shape
+    out = gate_up.new_empty(rows, width // 2)
+    _kernels().fs_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
+    return out
+
+
+def rope_(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotates the first `heads` heads of each row of a contiguous [T, H, D] tensor in place."""
+    t, _, d = qkv.shape
+    assert qkv.stride(2) == 1 and qkv.stride(1) == d and qkv.dtype == cos.dtype == sin.dtype == torch.float32
+    assert cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape == (t, d)
+    _kernels().fs_rope(qkv.data_ptr(), qkv.stride(0), t, heads, d, cos.data_ptr(), sin.data_ptr())

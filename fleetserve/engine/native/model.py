@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fleetserve.engine.native import cpu_kernels
 from fleetserve.engine.native.attention import AttentionMetadata, paged_attention
 from fleetserve.engine.native.linear import Linear
 from fleetserve.engine.native.model_config import ModelConfig
@@ -35,9 +36,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         dtype = x.dtype
-        if dtype == torch.float32:  # one fused kernel, bit-identical to the steps below in fp32
+        if fused:
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
+        if dtype == torch.float32:  # one torch op, bit-identical to the steps below in fp32
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -58,10 +61,13 @@ class Attention(nn.Module):
         self.scale = self.hd**-0.5
         self.sliding_window = cfg.sliding_window
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata, fused: bool = False) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.nh + 2 * self.nkv, self.hd)
-        if self.q_norm is not None:
+        if fused and self.q_norm is None:  # q and k heads rotated in place by one C call
+            cpu_kernels.rope_(qkv, self.nh + self.nkv, cos, sin)
+            q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=1)
+        elif self.q_norm is not None:
             q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=1)
             q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         else:  # q and k heads are adjacent: rotate them with one set of ops
@@ -79,7 +85,9 @@ class MLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [(inter, inter)] * 2, False, tp)
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            return self.down_proj(cpu_kernels.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -93,8 +101,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, tp)
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # the C kernels of the "cpu" backend also take the per-layer norm, RoPE and SiLU of an fp32 model
+        fused = meta.backend == "cpu" and x.dtype == torch.float32
+        x = x + self.self_attn(self.input_layernorm(x, fused), cos, sin, k_cache, v_cache, meta, fused)
+        return x + self.mlp(self.post_attention_layernorm(x, fused), fused)
 
 
 class LlamaModel(nn.Module):
@@ -120,7 +130,7 @@ class LlamaModel(nn.Module):
         sin = self.rope_sin[positions].to(x.dtype)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta)
-        return self.norm(x)
+        return self.norm(x, meta.backend == "cpu" and x.dtype == torch.float32)
 
     def quantize_fp8(self) -> tuple[int, int]:
         """FP8 weights for the decoder layers (the LM head and embeddings stay). Returns (done, skipped)."""

@@ -62,7 +62,8 @@ class ModelRunner:
                 sample_seqs.append(seq)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                                 num_decode=len(decode), prefills=segments)
+                                 num_decode=len(decode), prefills=segments,
+                                 backend="cpu" if self.backend == "cpu" else "torch")
         if self.triton:
             self._triton_metadata(meta, pairs)
         elif decode:
@@ -70,7 +71,6 @@ class ModelRunner:
             tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in decode]
             ctx = [s.num_computed_tokens + 1 for s in decode]
             if self.backend == "cpu":  # the C kernel: int32 tables and lengths, no mask
-                meta.backend = "cpu"
                 meta.decode_block_tables = torch.tensor(tables, dtype=torch.int32)
                 meta.decode_context_lens = torch.tensor(ctx, dtype=torch.int32)
             else:

@@ -53,6 +53,11 @@ def ngram_propose(tokens: list[int], k: int, n_max: int = 3, n_min: int = 1) -> 
     return []
 
 
+class _NoNorm(nn.Module):
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        return x
+
+
 class EagleHead(nn.Module):
     def __init__(self, cfg: ModelConfig, max_len: int, fc_bias: bool, input_norm: bool):
         super().__init__()
@@ -60,7 +65,7 @@ class EagleHead(nn.Module):
         self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=fc_bias)
         self.layer = DecoderLayer(cfg)
         if not input_norm:  # EAGLE-1's layer 0 has no input norm
-            self.layer.input_layernorm = nn.Identity()
+            self.layer.input_layernorm = _NoNorm()
         self.max_len = max_len
 
     @classmethod

@@ -1,13 +1,16 @@
-"""The CPU paged decode-attention kernel (engine/native/csrc/paged_attention.c via cpu_kernels.py) against the
-torch reference path of `paged_attention`, its build and fallback, and whole engines on it."""
+"""The CPU kernels (engine/native/csrc/cpu_kernels.c via cpu_kernels.py): paged decode attention against the
+torch reference path of `paged_attention`, the fused RMSNorm / SiLU-and-mul / RoPE against the torch ops,
+the build and its fallback, and whole engines on them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fleetserve.engine.native import cpu_kernels
 from fleetserve.engine.native.attention import AttentionMetadata, paged_attention, resolve_attention_backend
+from fleetserve.engine.native.rope import apply_rope
 from tests.attention_cases import ENGINE_CASE_IDS, ENGINE_CASES, case, greedy_tokens_by_backend, torch_meta
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load_error() is not None,
@@ -72,6 +75,24 @@ def test_wrong_answers_are_caught():
     out = paged_attention(*[x.clone() for x in tensors], _cpu_meta(seqs, tables, slot_mapping, nd, segments),
                           0.2, 8)
     assert (out - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_fused_ops_match_torch(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 576, generator=g) * 3, torch.randn(576, generator=g)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x.t().contiguous().t(), w, 1e-5), F.rms_norm(x, (576,), w, 1e-5),
+                               atol=1e-5, rtol=1e-5)  # a strided input is made contiguous first
+    gate_up = torch.randn(rows, 2 * 96, generator=g) * 8  # large |gate|: exp overflows to inf, silu -> 0 or x
+    torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), F.silu(gate_up[:, :96]) * gate_up[:, 96:],
+                               atol=1e-5, rtol=1e-5)
+    # RoPE in place on the q and k heads of a [T, q + k + v heads, D] tensor; the v heads stay as they were
+    qkv = torch.randn(rows, 9 + 3 + 3, 64, generator=g)
+    cos, sin = torch.randn(rows, 64, generator=g), torch.randn(rows, 64, generator=g)
+    expected = torch.cat([apply_rope(qkv[:, :12], cos, sin), qkv[:, 12:]], dim=1)
+    cpu_kernels.rope_(qkv, 12, cos, sin)
+    torch.testing.assert_close(qkv, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_backend_resolution():

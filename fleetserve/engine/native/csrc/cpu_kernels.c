@@ -1,7 +1,9 @@
-/* Decode attention over the paged KV cache for CPUs: one query token per sequence reads its blocks in
- * place (no gathered copy), the query heads that share a KV head are scored together, fp32 math.
+/* fleetserve's CPU kernels, built at first use by cpu_kernels.py with the machine's C compiler and called
+ * through ctypes (which releases the GIL). fp32 math throughout.
  *
- * Built at first use by cpu_kernels.py with the machine's C compiler and called through ctypes. Layouts (all contiguous):
+ * fs_paged_decode: decode attention over the paged KV cache: one query token per sequence reads its blocks in
+ * place (no gathered copy), the query heads that share a KV head are scored together, fp32 math.
+ * Layouts (all contiguous):
  *   q, out        [B, Hq, D] float32
  *   k/v cache     [num_blocks, block_size, Hkv, D] float32 or bfloat16 (kv_bf16 = 1)
  *   block_tables  [B, bt_stride] int32;  context_lens [B] int32 (tokens in the cache, the new one included)
@@ -84,4 +86,49 @@ int fs_paged_decode(const float *q, const void *k_cache, const void *v_cache, in
     }
     free(scores);
     return 0;
+}
+
+/* The small per-layer ops of a decode step, one call each instead of several torch ops (at batch 16 each
+ * torch op costs more in dispatch than in arithmetic). They follow the reference's formulas. */
+
+/* out = w * (x / sqrt(mean(x^2) + eps)), row by row; x, out [rows, dim] */
+void fs_rms_norm(const float *x, const float *w, float *out, int rows, int dim, float eps) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (long)r * dim;
+        float *outr = out + (long)r * dim;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int i = 0; i < dim; i++) sum += xr[i] * xr[i];
+        const float inv = 1.f / sqrtf(sum / dim + eps);
+#pragma omp simd
+        for (int i = 0; i < dim; i++) outr[i] = w[i] * (xr[i] * inv);
+    }
+}
+
+/* out = silu(gate) * up, where each row of gate_up is [gate (inter), up (inter)]; out [rows, inter] */
+void fs_silu_mul(const float *gate_up, float *out, int rows, int inter) {
+    for (int r = 0; r < rows; r++) {
+        const float *g = gate_up + (long)r * 2 * inter, *u = g + inter;
+        float *o = out + (long)r * inter;
+#pragma omp simd
+        for (int i = 0; i < inter; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
+}
+
+/* Rotary embedding in place, rotate_half layout: for each row, `heads` vectors of d values starting at the
+ * row (rows are row_stride apart), rotated by that row's cos/sin [rows, d] */
+void fs_rope(float *x, long row_stride, int rows, int heads, int d, const float *cos, const float *sin) {
+    const int half = d / 2;
+    for (int r = 0; r < rows; r++) {
+        const float *c = cos + (long)r * d, *s = sin + (long)r * d;
+        for (int h = 0; h < heads; h++) {
+            float *v = x + r * row_stride + (long)h * d;
+#pragma omp simd
+            for (int i = 0; i < half; i++) {
+                const float a = v[i], b = v[i + half];
+                v[i] = a * c[i] - b * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+    }
 }
