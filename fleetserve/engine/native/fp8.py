@@ -57,8 +57,8 @@ def is_fp8(dtype: torch.dtype) -> bool:
 def store(cache: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
     """cache [num_blocks, block_size, H, D] <- values [T, H, D] at flat slots (saturating cast for fp8)."""
     h, d = values.shape[1], values.shape[2]
-    if not is_fp8(cache.dtype):
-        cache.view(-1, h, d).index_copy_(0, slots, values)
+    if not is_fp8(cache.dtype):  # a bf16 cache under fp32 activations (the CPU's bf16 mode) rounds here
+        cache.view(-1, h, d).index_copy_(0, slots, values.to(cache.dtype))
         return
     limit = torch.finfo(cache.dtype).max
     q = values.float().clamp(-limit, limit).to(cache.dtype)

@@ -25,18 +25,27 @@ class Linear(nn.Linear):
     than the default BLAS path on this project's AMD CPUs (docs/perf.md), same results to fp32 rounding.
 
     `prepack()` reorders the weight once into oneDNN's blocked layout (another 25-35% at batch 16, since
-    the plain path reorders on every call); the plain weight is then dropped unless it is shared.
+    the plain path reorders on every call). `prepack(torch.bfloat16)` packs a bf16 copy of an fp32 weight
+    instead: the matmul then rounds its input to bf16, accumulates in fp32 and returns the input's dtype
+    (the CPU's bf16 mode, see loader.activation_dtype).
     """
 
     packed: torch.Tensor | None = None
+    matmul_dtype: torch.dtype | None = None  # set when the packed weight's dtype differs from the activations'
+    packed_bias: torch.Tensor | None = None
     qweight: torch.Tensor | None = None  # FP8 weight and its per-channel scale (fp8.py)
     w_scale: torch.Tensor | None = None
 
-    def prepack(self, batch_hint: int = 16) -> None:
+    def prepack(self, matmul_dtype: torch.dtype | None = None, batch_hint: int = 16) -> None:
         if self.qweight is not None or not (
                 _ONEDNN and self.weight.device.type == "cpu" and self.weight.dtype in _ONEDNN_DTYPES):
             return
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+        weight, bias = self.weight.detach(), self.bias
+        if matmul_dtype is not None and matmul_dtype != weight.dtype:
+            self.matmul_dtype = matmul_dtype
+            weight = weight.to(matmul_dtype)
+            self.packed_bias = None if bias is None else bias.detach().to(matmul_dtype)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
 
     def quantize_fp8(self) -> bool:
         if not fp8.fp8_supported(self.in_features, self.out_features):
@@ -48,6 +57,9 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
             return fp8.fp8_linear(x, self.qweight, self.w_scale, self.bias)
+        if self.matmul_dtype is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x.to(self.matmul_dtype), self.packed, self.packed_bias, "none", [], "")
+            return y.to(x.dtype)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if _ONEDNN and x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES:

@@ -117,6 +117,7 @@ class LlamaModel(nn.Module):
         self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
         self.max_len = max_len
         self.rope_cos = self.rope_sin = None
+        self.matmul_dtype: torch.dtype | None = None  # bf16 on a CPU in bf16 mode (loader.activation_dtype)
 
     def init_rope(self, device: torch.device) -> None:
         """RoPE tables are derived state: built after the parameters are materialised."""
@@ -137,10 +138,11 @@ class LlamaModel(nn.Module):
         done = [m.quantize_fp8() for m in self.layers.modules() if isinstance(m, Linear)]
         return sum(done), len(done) - sum(done)
 
-    def prepack(self) -> None:
+    def prepack(self, matmul_dtype: torch.dtype | None = None) -> None:
+        self.matmul_dtype = matmul_dtype
         for m in self.modules():
             if isinstance(m, Linear):
-                m.prepack()
+                m.prepack(matmul_dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.gather(self.lm_head(hidden)).float()

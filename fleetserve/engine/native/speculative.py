@@ -26,6 +26,7 @@ from fleetserve.engine.native.attention import AttentionMetadata, PrefillSegment
 from fleetserve.engine.native.block_manager import BlockManager
 from fleetserve.engine.native.kv_cache import KVCache
 from fleetserve.engine.native.linear import Linear
+from fleetserve.engine.native.loader import activation_dtype
 from fleetserve.engine.native.model import DecoderLayer, LlamaModel
 from fleetserve.engine.native.model_config import ModelConfig
 from fleetserve.engine.native.rope import rope_cache
@@ -99,12 +100,12 @@ class EagleHead(nn.Module):
         if missing:
             raise ValueError(f"EAGLE head at {path} lacks {sorted(missing)}")
         head.load_state_dict(fused, strict=False)
-        head = head.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        head = head.to(device=device, dtype=activation_dtype(device, dtype)).eval().requires_grad_(False)
         cos, sin = rope_cache(cfg, head.max_len)
         head.rope_cos, head.rope_sin = cos.to(device), sin.to(device)
         for m in head.modules():
             if isinstance(m, Linear):
-                m.prepack()
+                m.prepack(target.matmul_dtype)
         return head
 
     def forward(self, embeds: torch.Tensor, features: torch.Tensor, positions: torch.Tensor, kv, meta
