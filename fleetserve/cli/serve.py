@@ -81,7 +81,8 @@ def serve(
         "GPUs from a plan). \\[default: native]", rich_help_panel=_ENGINE)] = None,
     precision: Annotated[str | None, typer.Option(
         "--precision", "--dtype", help="auto | fp32 | bf16 | fp16, and fp8 with sglang/vllm. auto = fp32 on CPU, "
-        "bf16 on CUDA (native); FP8 weights + FP8 KV cache on H100/H200, else bf16 (sglang, vllm). "
+        "bf16 on CUDA (native; bf16 on a CPU = bf16 matmuls over fp32 activations, ~1.4x faster batched, close "
+        "to but not token-exact with fp32); FP8 weights + FP8 KV cache on H100/H200, else bf16 (sglang, vllm). "
         "--dtype is an alias. \\[default: auto]", rich_help_panel=_ENGINE)] = None,
     device: Annotated[str | None, typer.Option(
         help="auto | cpu | cuda | mps. auto picks cuda, then mps, then cpu. \\[default: auto]",
