@@ -7,7 +7,7 @@ import asyncio
 
 import torch
 
-from fleetserve.engine.native.attention import AttentionMetadata, PrefillSegment
+from fleetserve.engine.native.attention import AttentionMetadata, PrefillSegment, paged_attention
 
 NUM_BLOCKS = 48
 
@@ -53,6 +53,25 @@ def torch_meta(seqs, tables, slot_mapping, nd, segments, block_size, window, dev
             mask &= span[None, :] >= (ctx - window)[:, None]
         meta.decode_mask = mask.view(nd, 1, 1, -1)
     return meta
+
+
+def compare(seqs, meta_of, tol: float, *, hkv=2, group=1, d=32, block_size=16, dtype=torch.float32, window=None,
+            seed=0, device=torch.device("cpu"), backend_window="same"):
+    """A backend's `paged_attention` (its metadata from `meta_of(seqs, tables, slot_mapping, nd, segments)`)
+    against the torch path in fp32 on the same (rounded) inputs; both write the new K/V first.
+    `backend_window` runs the backend with another window than the reference (to show a wrong answer fails)."""
+    tensors, tables, slot_mapping, nd, segments = case(seqs, hkv, group, d, block_size, dtype, seed, device)
+    scale = d**-0.5
+    ref = paged_attention(*[x.float().clone() for x in tensors],
+                          torch_meta(seqs, tables, slot_mapping, nd, segments, block_size, window, device), scale,
+                          window)
+    q, k, v, k_cache, v_cache = (x.clone() for x in tensors)
+    out = paged_attention(q, k, v, k_cache, v_cache, meta_of(seqs, tables, slot_mapping, nd, segments), scale,
+                          window if backend_window == "same" else backend_window)
+    assert out.dtype == dtype and out.shape == q.shape
+    err = (out.float() - ref).abs().max().item()
+    assert err <= tol, f"max abs error {err} (tolerance {tol})"
+    return out.float(), ref
 
 
 # tiny checkpoints for whole-engine comparisons: grouped-query attention, and a sliding window

@@ -9,9 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from fleetserve.engine.native import cpu_kernels
-from fleetserve.engine.native.attention import AttentionMetadata, paged_attention, resolve_attention_backend
+from fleetserve.engine.native.attention import AttentionMetadata, resolve_attention_backend
 from fleetserve.engine.native.rope import apply_rope
-from tests.attention_cases import ENGINE_CASE_IDS, ENGINE_CASES, case, greedy_tokens_by_backend, torch_meta
+from tests.attention_cases import (
+    ENGINE_CASE_IDS,
+    ENGINE_CASES,
+    compare,
+    greedy_tokens_by_backend,
+)
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load_error() is not None,
                                 reason=f"the CPU kernel does not build here: {cpu_kernels.load_error()}")
@@ -29,19 +34,9 @@ def _cpu_meta(seqs, tables, slot_mapping, nd, segments):
         decode_context_lens=torch.tensor([c + 1 for c, _ in seqs[:nd]], dtype=torch.int32))
 
 
-def _compare(seqs, *, hkv=2, group=1, d=32, block_size=16, dtype=torch.float32, window=None, seed=0):
-    tensors, tables, slot_mapping, nd, segments = case(seqs, hkv, group, d, block_size, dtype, seed)
-    scale = d**-0.5
-    # reference: the torch path in fp32 on the same (rounded) inputs; both paths write the new K/V first
-    ref = paged_attention(*[x.float().clone() for x in tensors],
-                          torch_meta(seqs, tables, slot_mapping, nd, segments, block_size, window), scale, window)
-    q, k, v, k_cache, v_cache = (x.clone() for x in tensors)
-    out = paged_attention(q, k, v, k_cache, v_cache, _cpu_meta(seqs, tables, slot_mapping, nd, segments),
-                          scale, window)
-    assert out.dtype == dtype and out.shape == q.shape
+def _compare(seqs, *, dtype=torch.float32, **kw):
     # fp32 math on both sides: only the summation order differs (bf16 adds the rounding of the output)
-    torch.testing.assert_close(out.float(), ref, atol=2e-6 if dtype == torch.float32 else 1e-2, rtol=0)
-    return out.float(), ref
+    return compare(seqs, _cpu_meta, 2e-6 if dtype == torch.float32 else 1e-2, dtype=dtype, **kw)
 
 
 @pytest.mark.parametrize("dtype,hkv,group,d,window,block_size", [
@@ -68,13 +63,8 @@ def test_decodes_and_prefill_chunks_in_one_batch():
 
 def test_wrong_answers_are_caught():
     """The comparison has teeth: the kernel run with a window the reference does not have fails it."""
-    seqs = [(50, 1), (30, 1)]
-    tensors, tables, slot_mapping, nd, segments = case(seqs, 2, 1, 32, 16, torch.float32)
-    ref = paged_attention(*[x.clone() for x in tensors],
-                          torch_meta(seqs, tables, slot_mapping, nd, segments, 16, None), 0.2, None)
-    out = paged_attention(*[x.clone() for x in tensors], _cpu_meta(seqs, tables, slot_mapping, nd, segments),
-                          0.2, 8)
-    assert (out - ref).abs().max() > 1e-2
+    with pytest.raises(AssertionError, match="max abs error"):
+        _compare([(50, 1), (30, 6)], backend_window=8)
 
 
 @pytest.mark.parametrize("rows", [1, 16, 300])
@@ -93,6 +83,18 @@ def test_fused_ops_match_torch(rows):
     expected = torch.cat([apply_rope(qkv[:, :12], cos, sin), qkv[:, 12:]], dim=1)
     cpu_kernels.rope_(qkv, 12, cos, sin)
     torch.testing.assert_close(qkv, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_loading_the_kernels_keeps_subnormal_floats():
+    """A library linked with -ffast-math would set flush-to-zero for the whole process when loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fleetserve.engine.native import cpu_kernels as k; assert k.load() is not None; "
+            "import torch; tiny = sys.float_info.min / 4; "
+            "assert tiny > 0 and tiny * 1.5 > 0 and (torch.tensor([tiny], dtype=torch.float64) * 1.5).item() > 0, 'flushed to zero'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_backend_resolution():

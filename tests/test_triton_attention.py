@@ -30,7 +30,13 @@ from fleetserve.engine.native.attention import (  # noqa: E402
     paged_attention,
     resolve_attention_backend,
 )
-from tests.attention_cases import ENGINE_CASE_IDS, ENGINE_CASES, greedy_tokens_by_backend, torch_meta  # noqa: E402
+from tests.attention_cases import (  # noqa: E402
+    ENGINE_CASE_IDS,
+    ENGINE_CASES,
+    compare,
+    greedy_tokens_by_backend,
+    torch_meta,
+)
 from tests.attention_cases import case as _make_case  # noqa: E402
 
 DEVICE = torch.device("cpu" if ta.INTERPRETED else "cuda")
@@ -59,19 +65,8 @@ def _triton_meta(seqs, tables, slot_mapping, nd, segments):
         max_decode_context=max(ctx[:nd], default=0), max_query_len=max((n for _, n in seqs[nd:]), default=0))
 
 
-def _compare(seqs, *, hkv=2, group=1, d=32, block_size=16, dtype=torch.float32, window=None, seed=0):
-    tensors, tables, slot_mapping, nd, segments = _case(seqs, hkv, group, d, block_size, dtype, seed)
-    scale = d**-0.5
-    # reference: the torch path in fp32 on the same (rounded) inputs; both paths write the new K/V first
-    ref = paged_attention(*[x.float().clone() for x in tensors],
-                          _torch_meta(seqs, tables, slot_mapping, nd, segments, block_size, window), scale, window)
-    q, k, v, k_cache, v_cache = (x.clone() for x in tensors)
-    out = paged_attention(q, k, v, k_cache, v_cache, _triton_meta(seqs, tables, slot_mapping, nd, segments),
-                          scale, window)
-    assert out.dtype == dtype and out.shape == q.shape
-    err = (out.float() - ref).abs().max().item()
-    assert err <= TOL[dtype], f"max abs error {err} (tolerance {TOL[dtype]})"
-    return out.float(), ref
+def _compare(seqs, *, dtype=torch.float32, **kw):
+    return compare(seqs, _triton_meta, TOL[dtype], dtype=dtype, device=DEVICE, **kw)
 
 
 DECODES = [(0, 1), (15, 1), (16, 1), (44, 1), (129, 1)]  # context lengths 1, 16, 17, 45, 130
@@ -139,13 +134,8 @@ def test_head_dim_64_and_bf16_window():
 
 def test_wrong_answers_are_caught():
     """The comparison has teeth: a kernel run with a different window than the reference's fails it."""
-    seqs = [(50, 1), (30, 6)]
-    tensors, tables, slot_mapping, nd, segments = _case(seqs, 2, 1, 32, 16, torch.float32)
-    ref = paged_attention(*[x.clone() for x in tensors],
-                          _torch_meta(seqs, tables, slot_mapping, nd, segments, 16, None), 0.2, None)
-    out = paged_attention(*[x.clone() for x in tensors], _triton_meta(seqs, tables, slot_mapping, nd, segments),
-                          0.2, 8)
-    assert (out - ref).abs().max() > 1e-2
+    with pytest.raises(AssertionError, match="max abs error"):
+        _compare([(50, 1), (30, 6)], backend_window=8)
 
 
 def test_head_dim_must_be_a_power_of_two():

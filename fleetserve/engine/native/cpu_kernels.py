@@ -27,9 +27,12 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
-# -ffast-math: vectorised reductions and expf; the kernel keeps every value finite (the softmax max starts
+# -ffast-math: vectorised reductions and expf; the kernels keep every value finite (the softmax max starts
 # from the first score), so finite-math-only changes nothing. -march=native: the build runs where it is used.
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-shared", "-fPIC", "-std=c99"]
+# Compiled and linked in two steps: gcc links crtfastmath.o into a library *linked* with -ffast-math, and
+# loading that sets flush-to-zero for the whole process (every later float op would lose subnormals).
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c99"]
+LDFLAGS = ["-shared"]
 MAX_GROUP = 64  # query heads per KV head the kernel accepts (its stack arrays)
 
 _lock = threading.Lock()
@@ -64,7 +67,7 @@ def _cpu_signature() -> str:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *CFLAGS, _cpu_signature()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *CFLAGS, *LDFLAGS, _cpu_signature()]).encode())
     name = f"cpu_kernels-{key.hexdigest()[:16]}.so"
     for folder in _cache_dirs():
         if (folder / name).exists():
@@ -80,14 +83,15 @@ def _build(cc: str) -> Path:
     os.close(fd)
     target = folder / name
     try:
-        done = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+        for argv in ([cc, *CFLAGS, "-c", "-o", tmp + ".o", str(SOURCE)], [cc, *LDFLAGS, "-o", tmp, tmp + ".o", "-lm"]):
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, tmp + ".o"):
+            if os.path.exists(path):
+                os.unlink(path)
     return target
 
 
