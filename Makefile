@@ -7,9 +7,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install model browser up serve test test-fast lint bench audit clean
+.PHONY: install model browser compiler up serve test test-fast lint bench audit clean
 
-install: $(STAMP) model browser
+install: $(STAMP) model browser compiler
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ browser:
 	  if ! command -v apt-get >/dev/null; then echo "install chromium for the browser tests (tests/test_console.py skips without it)"; \
 	  elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
 	  else sudo apt-get update && sudo apt-get install -y chromium; fi; }
+
+# A C compiler: the engine builds its CPU kernels (paged decode attention, fused norms) on first start; without
+# one it falls back to the slower PyTorch path and tests/test_cpu_kernels.py skips.
+compiler:
+	@command -v cc >/dev/null || command -v gcc >/dev/null || { \
+	  if ! command -v apt-get >/dev/null; then echo "install a C compiler (gcc or clang) for the CPU kernels"; \
+	  elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y gcc libc6-dev; \
+	  else sudo apt-get update && sudo apt-get install -y gcc libc6-dev; fi; }
 
 up: install
 	$(VENV)/bin/fleetserve up
