@@ -85,6 +85,47 @@ def test_fused_ops_match_torch(rows):
     torch.testing.assert_close(qkv, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
+def test_lowbit_weights_are_recognised_exactly_and_multiply_as_fp32(qtype):
+    """A GGUF dequantisation is kept as int8 + scales and gives the fp32 products; anything else is not."""
+    import gguf
+    import numpy as np
+
+    from fleetserve.engine.native.linear import Linear
+
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    rng = np.random.default_rng(0)
+    w = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(
+        rng.standard_normal((100, 96)).astype(np.float32) * 0.05, kind), kind).astype(np.float32))
+    packed = cpu_kernels.pack_lowbit(w)
+    assert packed is not None and packed.q.dtype == torch.int8 and packed.q.shape == (7, 96, 16)  # 100 -> 7 panels
+    for rows in (1, 3, 16, 17, 40):  # partial chunks of 16 rows, and more than one chunk
+        x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+        torch.testing.assert_close(cpu_kernels.lowbit_linear(x, packed), x @ w.t(), atol=1e-5, rtol=1e-5)
+    # a Linear packs it at prepack time and drops its fp32 copy
+    layer = Linear(96, 100, bias=True)
+    layer.weight.data.copy_(w)
+    layer.bias.data.normal_()
+    x = torch.randn(5, 96)
+    expected = x @ w.t() + layer.bias
+    layer.prepack()
+    assert layer.lowbit is not None and layer.weight.numel() == 0
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    # not low-bit: random fp32, one changed value, or inputs not in blocks of 32
+    assert cpu_kernels.pack_lowbit(torch.randn(64, 64)) is None
+    bumped = w.clone()
+    bumped[3, 7] = torch.nextafter(bumped[3, 7], torch.tensor(1.0))
+    assert cpu_kernels.pack_lowbit(bumped) is None
+    assert cpu_kernels.pack_lowbit(w[:, :80]) is None
+
+
+def test_the_embedded_model_is_kept_low_bit(default_model):
+    from fleetserve.engine.native.linear import Linear
+
+    linears = [m for m in default_model[0].modules() if isinstance(m, Linear)]
+    assert len(linears) == 121 and all(m.lowbit is not None for m in linears)  # 30 layers x 4, and the LM head
+
+
 def test_loading_the_kernels_keeps_subnormal_floats():
     """A library linked with -ffast-math would set flush-to-zero for the whole process when loaded."""
     import subprocess

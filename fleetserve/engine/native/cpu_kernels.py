@@ -20,9 +20,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,22 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
+def _openmp() -> tuple[list[str], list[str]]:
+    """Compile and link flags that run the kernels' OpenMP loops on torch's own OpenMP runtime (its thread
+    pool and settings) by linking the libgomp torch ships; none when it ships none (the loops then run on one
+    thread: a second OpenMP runtime in the process would fight torch's for the cores)."""
+    libdir = Path(torch.__file__).parent / "lib"
+    libs = sorted(libdir.glob("libgomp*.so*"))
+    if not libs:
+        return [], []
+    return ["-fopenmp"], [str(libs[0]), f"-Wl,-rpath,{libdir}"]
+
+
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *CFLAGS, *LDFLAGS, _cpu_signature()]).encode())
+    omp_c, omp_ld = _openmp()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *CFLAGS, *omp_c, *LDFLAGS, *omp_ld,
+                                     _cpu_signature()]).encode())
     name = f"cpu_kernels-{key.hexdigest()[:16]}.so"
     for folder in _cache_dirs():
         if (folder / name).exists():
@@ -83,7 +98,8 @@ def _build(cc: str) -> Path:
     os.close(fd)
     target = folder / name
     try:
-        for argv in ([cc, *CFLAGS, "-c", "-o", tmp + ".o", str(SOURCE)], [cc, *LDFLAGS, "-o", tmp, tmp + ".o", "-lm"]):
+        for argv in ([cc, *CFLAGS, *omp_c, "-c", "-o", tmp + ".o", str(SOURCE)],
+                     [cc, *LDFLAGS, "-o", tmp, tmp + ".o", *omp_ld, "-lm"]):
             done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
@@ -117,6 +133,7 @@ def load() -> ctypes.CDLL | None:
         _signature(lib.fs_rms_norm, None, [ptr, ptr, ptr, i32, i32, f32])
         _signature(lib.fs_silu_mul, None, [ptr, ptr, i32, i32])
         _signature(lib.fs_rope, None, [ptr, ctypes.c_long, i32, i32, i32, ptr, ptr])
+        _signature(lib.fs_lowbit_gemm, ctypes.c_int, [ptr, i32, i32, ptr, ptr, i32, ptr, i32])
         _lib = lib
         return _lib
 
@@ -187,3 +204,60 @@ def rope_(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -
     assert qkv.stride(2) == 1 and qkv.stride(1) == d and qkv.dtype == cos.dtype == sin.dtype == torch.float32
     assert cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape == (t, d)
     _kernels().fs_rope(qkv.data_ptr(), qkv.stride(0), t, heads, d, cos.data_ptr(), sin.data_ptr())
+
+
+# ---- weights that are exactly low-bit (GGUF Q8_0 / Q4_1 dequantised): kept compact, same products ----
+
+
+@dataclass
+class LowBitWeight:
+    """A [N, K] fp32 weight that is exactly d * q + m per 32 inputs, as the kernel reads it: int8 q
+    [NP, K, 16] and fp32 d, m [NP, K / 32, 2, 16] in panels of 16 output columns (N padded with zeros)."""
+
+    q: torch.Tensor
+    dm: torch.Tensor
+    out_features: int
+    in_features: int
+
+
+def pack_lowbit(w: torch.Tensor) -> LowBitWeight | None:
+    """The compact form of `w` when it is exactly a GGUF Q8_0 (d * q, |q| <= 127) or Q4_1 (d * q + m,
+    0 <= q <= 15, m the block's minimum) dequantisation with fp16 d and m, checked bit for bit; else None.
+    fp16 d times an 8-bit q is exact in fp32, so the kernel's d * q + m is the weight itself."""
+    n, k = w.shape
+    if k % 32 or w.dtype != torch.float32 or w.device.type != "cpu":
+        return None
+    blocks = w.detach().reshape(n, k // 32, 32)
+
+    def exact(d: torch.Tensor, m: torch.Tensor, lo: int, hi: int) -> torch.Tensor | None:
+        if not (torch.equal(d.half().float(), d) and torch.equal(m.half().float(), m)):
+            return None
+        dd, mm = d[..., None], m[..., None]
+        q = torch.round((blocks - mm) / torch.where(dd == 0, 1.0, dd)).clamp(lo, hi)
+        return q if torch.equal(dd * q + mm, blocks) else None
+
+    d = blocks.abs().amax(-1) / 127
+    m = torch.zeros_like(d)
+    q = exact(d, m, -127, 127)
+    if q is None:
+        m = blocks.amin(-1)
+        d = ((blocks.amax(-1) - m) / 15).half().float()
+        q = exact(d, m, 0, 15)
+        if q is None:
+            return None
+    panels = -(-n // 16)
+    pad = panels * 16 - n
+    q = F.pad(q.to(torch.int8).reshape(n, k), (0, 0, 0, pad)).view(panels, 16, k).transpose(1, 2).contiguous()
+    d, m = (F.pad(t, (0, 0, 0, pad)).view(panels, 16, k // 32).transpose(1, 2) for t in (d, m))
+    return LowBitWeight(q, torch.stack([d, m], dim=2).contiguous(), n, k)
+
+
+def lowbit_linear(x: torch.Tensor, w: LowBitWeight) -> torch.Tensor:
+    assert x.dtype == torch.float32 and x.shape[-1] == w.in_features
+    x2 = x.reshape(-1, w.in_features).contiguous()
+    y = x2.new_empty(x2.shape[0], w.out_features)
+    rc = _kernels().fs_lowbit_gemm(x2.data_ptr(), x2.shape[0], w.in_features, w.q.data_ptr(), w.dm.data_ptr(),
+                                   w.q.shape[0], y.data_ptr(), w.out_features)
+    if rc != 0:
+        raise MemoryError("low-bit GEMM could not allocate its input buffer")
+    return y.view(*x.shape[:-1], w.out_features)

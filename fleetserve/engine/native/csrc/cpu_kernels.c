@@ -12,6 +12,26 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+typedef float v16 __attribute__((vector_size(64)));
+static inline v16 ld16(const float *p) { v16 v; memcpy(&v, p, 64); return v; }
+static inline void st16(float *p, v16 v) { memcpy(p, &v, 64); }
+
+/* 16 int8 weights as 16 floats (GCC scalarises the generic conversion: AVX-512 does it in two instructions) */
+static inline v16 cvt16(const int8_t *q) {
+#ifdef __AVX512F__
+    return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+#else
+    typedef int8_t i8x16 __attribute__((vector_size(16)));
+    typedef int32_t i32x16 __attribute__((vector_size(64)));
+    i8x16 b;
+    memcpy(&b, q, 16);
+    return __builtin_convertvector(__builtin_convertvector(b, i32x16), v16);
+#endif
+}
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -131,4 +151,72 @@ void fs_rope(float *x, long row_stride, int rows, int heads, int d, const float 
             }
         }
     }
+}
+
+/* fs_lowbit_gemm: y[M, N] = x[M, K] @ W^T for a weight kept as int8 q and per-32-input fp32 scale d and
+ * offset m, in panels of 16 output columns: q [NP][K][16], dm [NP][K/32][2][16]; w = d * q + m, which the
+ * packer (cpu_kernels.pack_lowbit) verified equals the fp32 weight bit for bit (an fp16 d times an 8-bit q
+ * is exact in fp32), so these are the fp32 model's products, read from 1.25 bytes a weight instead of 4.
+ * The inputs are transposed in chunks of 16 rows; up to 16 rows accumulate in registers per panel, so each
+ * weight is converted once per 16 rows. Panels are shared out over the OpenMP threads (torch's pool). */
+/* one panel (16 output columns) for R rows whose inputs are transposed: xt[k * 16 + r] */
+#define PANEL(R)                                                                                     \
+    static void panel_##R(const float *xt, int K, const int8_t *qp, const float *s, float *y, int N,  \
+                          int col0, int cols) {                                                      \
+        v16 acc[R];                                                                                  \
+        for (int r = 0; r < R; r++) acc[r] = (v16){0};                                               \
+        for (int b = 0; b < K / 32; b++) {                                                           \
+            const v16 d = ld16(s + b * 32), m = ld16(s + b * 32 + 16);                                   \
+            for (int k = b * 32; k < b * 32 + 32; k++) {                                             \
+                const v16 w = d * cvt16(qp + k * 16) + m;                                              \
+                const float *xk = xt + k * 16;                                                       \
+                for (int r = 0; r < R; r++) acc[r] += xk[r] * w;                                     \
+            }                                                                                        \
+        }                                                                                            \
+        for (int r = 0; r < R; r++) {                                                                \
+            float out[16];                                                                           \
+            st16(out, acc[r]);                                                                         \
+            memcpy(y + (long)r * N + col0, out, sizeof(float) * cols);                               \
+        }                                                                                            \
+    }
+PANEL(16)
+PANEL(8)
+PANEL(4)
+PANEL(2)
+PANEL(1)
+
+int fs_lowbit_gemm(const float *x, int M, int K, const int8_t *q, const float *dm, int NP, float *y, int N) {
+    /* inputs transposed in chunks of 16 rows: xt[chunk][k][16] (zero padded) */
+    const int chunks = (M + 15) / 16;
+    float *xt = calloc((size_t)chunks * K * 16, sizeof(float));
+    if (!xt) return -1;
+    for (int r = 0; r < M; r++)
+        for (int k = 0; k < K; k++) xt[((long)(r / 16) * K + k) * 16 + r % 16] = x[(long)r * K + k];
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < NP; p++) {
+        const int8_t *qp = q + (long)p * K * 16;
+        const float *s = dm + (long)p * (K / 32) * 32;
+        const int cols = N - p * 16 < 16 ? N - p * 16 : 16;
+        for (int c = 0; c < chunks; c++) {
+            const float *xc = xt + (long)c * K * 16;
+            float *yc = y + (long)c * 16 * N;
+            int rows = M - c * 16 < 16 ? M - c * 16 : 16, r0 = 0;
+            if (rows == 16) { panel_16(xc, K, qp, s, yc, N, p * 16, cols); continue; }
+            /* a partial chunk: 8, 4, 2, 1 rows at a time (the transposed rows are offset by r0) */
+            for (int step = 8; step >= 1; step /= 2) {
+                while (rows - r0 >= step) {
+                    /* rows r0.. of this chunk: shift the input pointer so xk[r] is row r0 + r */
+                    const float *xs = xc + r0;
+                    float *ys = yc + (long)r0 * N;
+                    if (step == 8) panel_8(xs, K, qp, s, ys, N, p * 16, cols);
+                    else if (step == 4) panel_4(xs, K, qp, s, ys, N, p * 16, cols);
+                    else if (step == 2) panel_2(xs, K, qp, s, ys, N, p * 16, cols);
+                    else panel_1(xs, K, qp, s, ys, N, p * 16, cols);
+                    r0 += step;
+                }
+            }
+        }
+    }
+    free(xt);
+    return 0;
 }
