@@ -159,25 +159,35 @@ void fs_rope(float *x, long row_stride, int rows, int heads, int d, const float 
  * is exact in fp32), so these are the fp32 model's products, read from 1.25 bytes a weight instead of 4.
  * The inputs are transposed in chunks of 16 rows; up to 16 rows accumulate in registers per panel, so each
  * weight is converted once per 16 rows. Panels are shared out over the OpenMP threads (torch's pool). */
-/* one panel (16 output columns) for R rows whose inputs are transposed: xt[k * 16 + r] */
-#define PANEL(R)                                                                                     \
-    static void panel_##R(const float *xt, int K, const int8_t *qp, const float *s, float *y, int N,  \
-                          int col0, int cols) {                                                      \
-        v16 acc[R];                                                                                  \
-        for (int r = 0; r < R; r++) acc[r] = (v16){0};                                               \
-        for (int b = 0; b < K / 32; b++) {                                                           \
-            const v16 d = ld16(s + b * 32), m = ld16(s + b * 32 + 16);                                   \
-            for (int k = b * 32; k < b * 32 + 32; k++) {                                             \
-                const v16 w = d * cvt16(qp + k * 16) + m;                                              \
-                const float *xk = xt + k * 16;                                                       \
-                for (int r = 0; r < R; r++) acc[r] += xk[r] * w;                                     \
-            }                                                                                        \
-        }                                                                                            \
-        for (int r = 0; r < R; r++) {                                                                \
-            float out[16];                                                                           \
-            st16(out, acc[r]);                                                                         \
-            memcpy(y + (long)r * N + col0, out, sizeof(float) * cols);                               \
-        }                                                                                            \
+/* One panel (16 output columns) for R rows whose inputs are transposed (xt[k * 16 + r]). The weights come
+ * from the int8 panel (converted here: one input chunk) or from `tile`, the panel already converted to fp32
+ * (several chunks: the conversion, which takes the FP pipes like a multiply-add, is then done once). */
+#define PANEL(R)                                                                                  \
+    static void panel_##R(const float *xt, int K, const int8_t *qp, const float *s, const float *tile, \
+                          float *y, int N, int col0, int cols) {                                  \
+        v16 acc[R];                                                                               \
+        for (int r = 0; r < R; r++) acc[r] = (v16){0};                                            \
+        if (tile) {                                                                               \
+            for (int k = 0; k < K; k++) {                                                         \
+                const v16 w = ld16(tile + k * 16);                                                \
+                const float *xk = xt + k * 16;                                                    \
+                for (int r = 0; r < R; r++) acc[r] += xk[r] * w;                                  \
+            }                                                                                     \
+        } else {                                                                                  \
+            for (int b = 0; b < K / 32; b++) {                                                    \
+                const v16 d = ld16(s + b * 32), m = ld16(s + b * 32 + 16);                        \
+                for (int k = b * 32; k < b * 32 + 32; k++) {                                      \
+                    const v16 w = d * cvt16(qp + k * 16) + m;                                     \
+                    const float *xk = xt + k * 16;                                                \
+                    for (int r = 0; r < R; r++) acc[r] += xk[r] * w;                              \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+        for (int r = 0; r < R; r++) {                                                             \
+            float out[16];                                                                        \
+            st16(out, acc[r]);                                                                    \
+            memcpy(y + (long)r * N + col0, out, sizeof(float) * cols);                            \
+        }                                                                                         \
     }
 PANEL(16)
 PANEL(8)
@@ -186,37 +196,52 @@ PANEL(2)
 PANEL(1)
 
 int fs_lowbit_gemm(const float *x, int M, int K, const int8_t *q, const float *dm, int NP, float *y, int N) {
-    /* inputs transposed in chunks of 16 rows: xt[chunk][k][16] (zero padded) */
     const int chunks = (M + 15) / 16;
-    float *xt = calloc((size_t)chunks * K * 16, sizeof(float));
+    float *xt = calloc((size_t)chunks * K * 16, sizeof(float));  /* xt[chunk][k][16], zero padded */
     if (!xt) return -1;
     for (int r = 0; r < M; r++)
         for (int k = 0; k < K; k++) xt[((long)(r / 16) * K + k) * 16 + r % 16] = x[(long)r * K + k];
-#pragma omp parallel for schedule(static)
-    for (int p = 0; p < NP; p++) {
-        const int8_t *qp = q + (long)p * K * 16;
-        const float *s = dm + (long)p * (K / 32) * 32;
-        const int cols = N - p * 16 < 16 ? N - p * 16 : 16;
-        for (int c = 0; c < chunks; c++) {
-            const float *xc = xt + (long)c * K * 16;
-            float *yc = y + (long)c * 16 * N;
-            int rows = M - c * 16 < 16 ? M - c * 16 : 16, r0 = 0;
-            if (rows == 16) { panel_16(xc, K, qp, s, yc, N, p * 16, cols); continue; }
-            /* a partial chunk: 8, 4, 2, 1 rows at a time (the transposed rows are offset by r0) */
-            for (int step = 8; step >= 1; step /= 2) {
-                while (rows - r0 >= step) {
-                    /* rows r0.. of this chunk: shift the input pointer so xk[r] is row r0 + r */
-                    const float *xs = xc + r0;
-                    float *ys = yc + (long)r0 * N;
-                    if (step == 8) panel_8(xs, K, qp, s, ys, N, p * 16, cols);
-                    else if (step == 4) panel_4(xs, K, qp, s, ys, N, p * 16, cols);
-                    else if (step == 2) panel_2(xs, K, qp, s, ys, N, p * 16, cols);
-                    else panel_1(xs, K, qp, s, ys, N, p * 16, cols);
-                    r0 += step;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *tile = chunks > 1 ? malloc(sizeof(float) * 16 * (size_t)K) : NULL;
+        if (chunks > 1 && !tile) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int p = 0; p < NP; p++) {
+            if (chunks > 1 && !tile) continue;
+            const int8_t *qp = q + (long)p * K * 16;
+            const float *s = dm + (long)p * (K / 32) * 32;
+            const int cols = N - p * 16 < 16 ? N - p * 16 : 16;
+            if (tile)
+                for (int b = 0; b < K / 32; b++) {
+                    const v16 d = ld16(s + b * 32), m = ld16(s + b * 32 + 16);
+                    for (int k = b * 32; k < b * 32 + 32; k++) st16(tile + k * 16, d * cvt16(qp + k * 16) + m);
                 }
+            for (int c = 0; c < chunks; c++) {
+                const float *xc = xt + (long)c * K * 16;
+                float *yc = y + (long)c * 16 * N;
+                const int rows = M - c * 16 < 16 ? M - c * 16 : 16;
+                if (rows == 16) {
+                    panel_16(xc, K, qp, s, tile, yc, N, p * 16, cols);
+                    continue;
+                }
+                /* a partial chunk, 8, 4, 2 and 1 rows at a time: rows r0.. start at xc + r0 */
+                for (int step = 8, r0 = 0; step >= 1; step /= 2)
+                    for (; rows - r0 >= step; r0 += step) {
+                        const float *xs = xc + r0;
+                        float *ys = yc + (long)r0 * N;
+                        if (step == 8) panel_8(xs, K, qp, s, tile, ys, N, p * 16, cols);
+                        else if (step == 4) panel_4(xs, K, qp, s, tile, ys, N, p * 16, cols);
+                        else if (step == 2) panel_2(xs, K, qp, s, tile, ys, N, p * 16, cols);
+                        else panel_1(xs, K, qp, s, tile, ys, N, p * 16, cols);
+                    }
             }
         }
+        free(tile);
     }
     free(xt);
-    return 0;
+    return failed ? -1 : 0;
 }
