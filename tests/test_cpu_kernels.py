@@ -140,7 +140,7 @@ def test_loading_the_kernels_keeps_subnormal_floats():
 
 def test_backend_resolution():
     assert resolve_attention_backend("auto", CPU) == "cpu"
-    assert resolve_attention_backend("cpu", CPU, torch.bfloat16, 9, 3) == "cpu"
+    assert resolve_attention_backend("cpu", CPU, torch.bfloat16) == "cpu"
     assert resolve_attention_backend("torch", CPU) == "torch"
     # an FP8 cache or fp16 cache is not read by the kernel: auto falls back quietly, "cpu" says why
     for kv in (torch.float8_e4m3fn, torch.float16):

@@ -60,8 +60,7 @@ def triton_import_error() -> str | None:
     return None
 
 
-def resolve_attention_backend(name: str, device: torch.device, kv_dtype: torch.dtype | None = None,
-                              num_heads: int = 1, num_kv_heads: int = 1) -> str:
+def resolve_attention_backend(name: str, device: torch.device, kv_dtype: torch.dtype | None = None) -> str:
     """"auto" -> "triton" on CUDA when triton imports, else "torch"; on a CPU "cpu" when the C kernel builds
     here, else "torch". "triton" off CUDA runs only under Triton's interpreter (TRITON_INTERPRET=1 before the
     kernels are first imported): slow, for tests. The Triton kernels read the cache in the model dtype and
@@ -69,7 +68,7 @@ def resolve_attention_backend(name: str, device: torch.device, kv_dtype: torch.d
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, not {name!r}")
     if name == "cpu" or (name == "auto" and device.type == "cpu"):
-        return _resolve_cpu(name, device, kv_dtype, num_heads, num_kv_heads)
+        return _resolve_cpu(name, device, kv_dtype or torch.float32)
     if kv_dtype is not None and fp8.is_fp8(kv_dtype):
         if name == "triton":
             raise ValueError("attention_backend 'triton' does not read an FP8 KV cache yet; use 'auto' or 'torch'")
@@ -91,16 +90,14 @@ def resolve_attention_backend(name: str, device: torch.device, kv_dtype: torch.d
     return "triton"
 
 
-def _resolve_cpu(name: str, device: torch.device, kv_dtype, num_heads: int, num_kv_heads: int) -> str:
+def _resolve_cpu(name: str, device: torch.device, kv_dtype: torch.dtype) -> str:
     """"cpu" asked for explicitly fails loudly where it cannot run; "auto" quietly falls back to "torch"."""
     if device.type != "cpu":
         raise ValueError(f"attention_backend 'cpu' runs on CPUs; the device here is {device} (use auto or triton)")
-    kv_dtype = kv_dtype or torch.float32
-    if not cpu_kernels.supports(num_heads, num_kv_heads, kv_dtype):
+    if kv_dtype not in cpu_kernels.KV_DTYPES:
         if name == "cpu":
-            raise ValueError(f"attention_backend 'cpu' reads an fp32 or bf16 KV cache with at most "
-                             f"{cpu_kernels.MAX_GROUP} query heads per KV head (here {kv_dtype}, "
-                             f"{num_heads}/{num_kv_heads}); use 'auto' or 'torch'")
+            raise ValueError(f"attention_backend 'cpu' reads an fp32 or bf16 KV cache, not {kv_dtype}; "
+                             "use 'auto' or 'torch'")
         return "torch"
     error = cpu_kernels.load_error()
     if error and name == "cpu":

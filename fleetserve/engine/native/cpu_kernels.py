@@ -1,12 +1,12 @@
 """C kernels for the CPU path (csrc/), built on first use with the machine's C compiler and called with ctypes.
 
-Why C and ctypes rather than a torch C++ extension: the kernel needs no torch headers, so it compiles in a
-fraction of a second (a torch extension takes ~30 s on two cores), and ctypes releases the GIL while it runs.
+Why C and ctypes rather than a torch C++ extension: the kernels need no torch headers, so they compile in
+well under a second (a torch extension takes ~30 s on two cores), and ctypes releases the GIL while they run.
 The shared object is cached under ``~/.cache/fleetserve/kernels`` (``$FLEETSERVE_KERNEL_CACHE``; a read-only
-home falls back to the temp folder), named by a
-hash of the source, the compiler and its flags; concurrent builds (several replicas starting at once) each
-write their own temporary file and rename it into place. Without a compiler `load()` says why, and the
-engine uses the plain PyTorch attention instead.
+home falls back to the temp folder), named by a hash of the source, the compiler, its flags and the CPU;
+concurrent builds (several replicas starting at once) each write their own temporary file and rename it into
+place. Without a compiler `load()` says why, and the engine keeps to PyTorch: SDPA attention, torch
+elementwise ops and oneDNN matmuls over fp32 weights.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 # loading that sets flush-to-zero for the whole process (every later float op would lose subnormals).
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c99"]
 LDFLAGS = ["-shared"]
-MAX_GROUP = 64  # query heads per KV head the kernel accepts (its stack arrays)
+KV_DTYPES = (torch.float32, torch.bfloat16)  # the KV caches the attention kernel reads
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -145,10 +145,6 @@ def _signature(fn, restype, argtypes) -> None:
 def load_error() -> str | None:
     load()
     return _error
-
-
-def supports(num_heads: int, num_kv_heads: int, kv_dtype: torch.dtype) -> bool:
-    return kv_dtype in (torch.float32, torch.bfloat16) and num_heads // num_kv_heads <= MAX_GROUP
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

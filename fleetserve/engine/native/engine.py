@@ -84,8 +84,7 @@ class NativeEngine:
             raise ValueError("max_batch_tokens must be at least 1")
         self.tp_size = model.tp.size
         self._model = model
-        self.attention_backend = resolve_attention_backend(cfg.attention_backend, device, self.kv_dtype,
-                                                           model_cfg.num_heads, model_cfg.num_kv_heads)
+        self.attention_backend = resolve_attention_backend(cfg.attention_backend, device, self.kv_dtype)
         num_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache(model_cfg, num_blocks, cfg.block_size, self.kv_dtype, device, self.tp_size)
         if self.tp_size > 1:
