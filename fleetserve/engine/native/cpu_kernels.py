@@ -118,18 +118,17 @@ def load() -> ctypes.CDLL | None:
         if _lib is not None or _error is not None:
             return _lib
         cc = _compiler()
-        if cc is None:
-            _error = "no C compiler found (cc, gcc or clang; or set CC)"
-            return None
         try:
+            if cc is None:
+                raise RuntimeError("no C compiler found (cc, gcc or clang; or set CC)")
             lib = ctypes.CDLL(str(_build(cc)))
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            _error = f"{type(exc).__name__}: {exc}"
-            log.warning("CPU attention kernel unavailable, using the PyTorch path: %s", _error)
+            _error = str(exc) if cc is None else f"{type(exc).__name__}: {exc}"
+            log.warning("CPU kernels unavailable, using the PyTorch path: %s", _error)
             return None
         ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         _signature(lib.fs_paged_decode, ctypes.c_int, [ptr] * 3 + [i32, ptr, i32, ptr] + [i32] * 5
-                   + [f32, i32, ptr, i32, i32])
+                   + [f32, i32, ptr])
         _signature(lib.fs_rms_norm, None, [ptr, ptr, ptr, i32, i32, f32])
         _signature(lib.fs_silu_mul, None, [ptr, ptr, i32, i32])
         _signature(lib.fs_rope, None, [ptr, ctypes.c_long, i32, i32, i32, ptr, ptr])
@@ -158,7 +157,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(qf)
     rc = lib.fs_paged_decode(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
                              block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), b, hq, hkv, d,
-                             block_size, scale, sliding_window or 0, out.data_ptr(), 0, b)
+                             block_size, scale, sliding_window or 0, out.data_ptr())
     if rc != 0:
         raise MemoryError("CPU decode attention could not allocate its score buffer")
     return out if q.dtype == torch.float32 else out.to(q.dtype)

@@ -100,9 +100,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        # the C kernels of the "cpu" backend also take the per-layer norm, RoPE and SiLU of an fp32 model
-        fused = meta.backend == "cpu" and x.dtype == torch.float32
+    def forward(self, x, cos, sin, k_cache, v_cache, meta, fused: bool = False):
+        """`fused`: the per-layer norms, RoPE and SiLU go through the C kernels (LlamaModel.forward decides)."""
         x = x + self.self_attn(self.input_layernorm(x, fused), cos, sin, k_cache, v_cache, meta, fused)
         return x + self.mlp(self.post_attention_layernorm(x, fused), fused)
 
@@ -129,9 +128,11 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos = self.rope_cos[positions].to(x.dtype)
         sin = self.rope_sin[positions].to(x.dtype)
+        # the C kernels of the "cpu" backend also take the per-layer norm, RoPE and SiLU of an fp32 model
+        fused = meta.backend == "cpu" and x.dtype == torch.float32
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, k_cache, v_cache, meta)
-        return self.norm(x, meta.backend == "cpu" and x.dtype == torch.float32)
+            x = layer(x, cos, sin, k_cache, v_cache, meta, fused)
+        return self.norm(x, fused)
 
     def quantize_fp8(self) -> tuple[int, int]:
         """FP8 weights for the decoder layers (the LM head and embeddings stay). Returns (done, skipped)."""

@@ -26,7 +26,6 @@ class ModelRunner:
         self.device = device
         self.bs = block_manager.block_size
         self.backend = attention_backend  # resolved: "torch" | "cpu" | "triton" (see resolve_attention_backend)
-        self.triton = attention_backend == "triton"
         self.eagle = None  # an EagleDrafter when the engine drafts with an EAGLE head
         self.spec_draft_tokens = self.spec_accepted_tokens = self.spec_verifications = 0
 
@@ -51,7 +50,7 @@ class ModelRunner:
             if n == 1:
                 decode.append(seq)
             else:
-                bt = torch.tensor(table, dtype=torch.long, device=self.device) if start and not self.triton else None
+                bt = torch.tensor(table, dtype=torch.long, device=self.device) if start and self.backend != "triton" else None
                 segments.append(PrefillSegment(len(ids) - n, len(ids), start + n, bt))
             if seq.wants_prompt_logprobs:
                 prompt_lp.append((seq, len(ids) - n, start))
@@ -62,9 +61,8 @@ class ModelRunner:
                 sample_seqs.append(seq)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                                 num_decode=len(decode), prefills=segments,
-                                 backend="cpu" if self.backend == "cpu" else "torch")
-        if self.triton:
+                                 num_decode=len(decode), prefills=segments, backend=self.backend)
+        if self.backend == "triton":
             self._triton_metadata(meta, pairs)
         elif decode:
             max_blocks = max(len(s.block_table) for s in decode)
@@ -99,7 +97,6 @@ class ModelRunner:
             ctx.append(seq.num_computed_tokens + n)
             starts.append(starts[-1] + n)
         dev = self.device
-        meta.backend = "triton"
         meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev).view(len(pairs), max_blocks)
         meta.context_lens = torch.tensor(ctx, dtype=torch.int32, device=dev)
         meta.query_start = torch.tensor(starts, dtype=torch.int32, device=dev)

@@ -52,10 +52,10 @@ static inline const float *kv_row(const void *cache, int kv_bf16, long offset, i
 int fs_paged_decode(const float *q, const void *k_cache, const void *v_cache, int kv_bf16,
                     const int32_t *block_tables, int bt_stride, const int32_t *context_lens,
                     int num_seqs, int hq, int hkv, int d, int block_size, float scale, int window,
-                    float *out, int seq_begin, int seq_end) {
+                    float *out) {
     const int group = hq / hkv;
     int max_ctx = 0;
-    for (int b = seq_begin; b < seq_end; b++)
+    for (int b = 0; b < num_seqs; b++)
         if (context_lens[b] > max_ctx) max_ctx = context_lens[b];
     /* scores [hq, max_ctx], then one token's K or V row for all KV heads converted from bf16 */
     float *scores = malloc(sizeof(float) * ((size_t)max_ctx * hq + (size_t)hkv * d));
@@ -65,7 +65,7 @@ int fs_paged_decode(const float *q, const void *k_cache, const void *v_cache, in
 
     /* one sequence at a time, token by token: a token's rows for all KV heads are contiguous, and a block's
      * tokens follow each other, so the cache is read in long sequential runs */
-    for (int b = seq_begin; b < seq_end; b++) {
+    for (int b = 0; b < num_seqs; b++) {
         const int ctx = context_lens[b];
         const int start = (window > 0 && ctx > window) ? ctx - window : 0;
         const int n = ctx - start;
