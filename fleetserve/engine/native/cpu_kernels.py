@@ -231,12 +231,13 @@ def pack_lowbit(w: torch.Tensor) -> LowBitWeight | None:
         q = torch.round((blocks - mm) / torch.where(dd == 0, 1.0, dd)).clamp(lo, hi)
         return q if torch.equal(dd * q + mm, blocks) else None
 
-    d = blocks.abs().amax(-1) / 127
+    lo, hi = torch.aminmax(blocks, dim=-1)  # one pass for both forms
+    d = torch.maximum(-lo, hi) / 127
     m = torch.zeros_like(d)
     q = exact(d, m, -127, 127)
     if q is None:
-        m = blocks.amin(-1)
-        d = ((blocks.amax(-1) - m) / 15).half().float()
+        m = lo
+        d = ((hi - lo) / 15).half().float()
         q = exact(d, m, 0, 15)
         if q is None:
             return None
