@@ -58,17 +58,20 @@ def torch_meta(seqs, tables, slot_mapping, nd, segments, block_size, window, dev
 def compare(seqs, meta_of, tol: float, *, hkv=2, group=1, d=32, block_size=16, dtype=torch.float32, window=None,
             seed=0, device=torch.device("cpu"), backend_window="same"):
     """A backend's `paged_attention` (its metadata from `meta_of(seqs, tables, slot_mapping, nd, segments)`)
-    against the torch path in fp32 on the same (rounded) inputs; both write the new K/V first.
+    against the torch path in fp32 on the same (rounded) inputs; both write the new K/V first, and the caches
+    must end up the same.
     `backend_window` runs the backend with another window than the reference (to show a wrong answer fails)."""
     tensors, tables, slot_mapping, nd, segments = case(seqs, hkv, group, d, block_size, dtype, seed, device)
     scale = d**-0.5
-    ref = paged_attention(*[x.float().clone() for x in tensors],
-                          torch_meta(seqs, tables, slot_mapping, nd, segments, block_size, window, device), scale,
-                          window)
+    ref_tensors = [x.float().clone() for x in tensors]
+    ref = paged_attention(*ref_tensors, torch_meta(seqs, tables, slot_mapping, nd, segments, block_size, window,
+                                                   device), scale, window)
     q, k, v, k_cache, v_cache = (x.clone() for x in tensors)
     out = paged_attention(q, k, v, k_cache, v_cache, meta_of(seqs, tables, slot_mapping, nd, segments), scale,
                           window if backend_window == "same" else backend_window)
     assert out.dtype == dtype and out.shape == q.shape
+    # the new K/V are in the cache exactly as the reference wrote them (rounded to the cache dtype)
+    assert torch.equal(k_cache, ref_tensors[3].to(dtype)) and torch.equal(v_cache, ref_tensors[4].to(dtype))
     err = (out.float() - ref).abs().max().item()
     assert err <= tol, f"max abs error {err} (tolerance {tol})"
     return out.float(), ref

@@ -119,6 +119,62 @@ def test_lowbit_weights_are_recognised_exactly_and_multiply_as_fp32(qtype):
     assert cpu_kernels.pack_lowbit(w[:, :80]) is None
 
 
+def test_thread_pool_gives_one_threads_results_with_two_callers_and_after_fork():
+    """The kernels share their work (GEMM panels, attention sequences) over their own helper threads; each item
+    is computed whole by one thread, so results are bit-identical to a single thread's: with the helpers, with
+    two callers at once (the second runs its job alone), and in a forked child (which has no helpers)."""
+    import os
+    import threading
+
+    import gguf
+    import numpy as np
+
+    lib = cpu_kernels.load()
+    rng = np.random.default_rng(1)
+    kind = gguf.GGMLQuantizationType.Q8_0
+    w = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(
+        rng.standard_normal((300, 576)).astype(np.float32) * 0.05, kind), kind).astype(np.float32))
+    packed = cpu_kernels.pack_lowbit(w)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(rows, 576, generator=g) for rows in (1, 7, 16, 40)]
+    kc, vc = torch.randn(40, 16, 3, 64, generator=g), torch.randn(40, 16, 3, 64, generator=g)
+    tables = torch.randperm(39, generator=g).add(1).to(torch.int32)[:36].view(12, 3)
+    lens = torch.randint(1, 48, (12,), generator=g, dtype=torch.int32)
+    q = torch.randn(12, 9, 64, generator=g)
+
+    def run() -> list[torch.Tensor]:
+        out = [cpu_kernels.lowbit_linear(x, packed) for x in xs]
+        return out + [cpu_kernels.decode_attention(q, kc, vc, tables, lens, 0.125, None)]
+
+    lib.fs_pool_stop()
+    try:
+        alone = run()
+    finally:
+        assert lib.fs_pool_start(2, cpu_kernels.spin_us()) == 1
+    torch.testing.assert_close(alone[2], xs[2] @ w.t(), atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(run(), alone))
+
+    mismatches: list[int] = []
+
+    def caller() -> None:
+        for _ in range(100):
+            mismatches.extend(i for i, (a, b) in enumerate(zip(run(), alone)) if not torch.equal(a, b))
+
+    threads = [threading.Thread(target=caller) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert mismatches == []
+
+    pid = os.fork()
+    if pid == 0:  # the child must not return into pytest
+        os._exit(0 if all(torch.equal(a, b) for a, b in zip(run(), alone)) else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    lib.fs_pool_stop()
+    lib.fs_pool_start(torch.get_num_threads(), cpu_kernels.spin_us())
+
+
 def test_the_embedded_model_is_kept_low_bit(default_model):
     from fleetserve.engine.native.linear import Linear
 

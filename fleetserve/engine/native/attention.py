@@ -150,11 +150,14 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
+    nd = meta.num_decode
+    if meta.backend == "cpu" and nd and not meta.prefills:  # the C kernel stores the new K/V as it goes
+        return cpu_kernels.decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                            scale, sliding_window, k, v)
     fp8.store(k_cache, meta.slot_mapping, k)
     fp8.store(v_cache, meta.slot_mapping, v)
     if meta.backend == "triton":
         return _triton_attention(q, k_cache, v_cache, meta, scale, sliding_window)
-    nd = meta.num_decode
     if nd and not meta.prefills:  # pure decode step (the common case): no output buffer to copy into
         return _decode_attention(q, k_cache, v_cache, meta, scale, sliding_window)
     out = torch.empty_like(q)

@@ -33,13 +33,25 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 # from the first score), so finite-math-only changes nothing. -march=native: the build runs where it is used.
 # Compiled and linked in two steps: gcc links crtfastmath.o into a library *linked* with -ffast-math, and
 # loading that sets flush-to-zero for the whole process (every later float op would lose subnormals).
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c99"]
-LDFLAGS = ["-shared"]
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=gnu11", "-pthread"]
+LDFLAGS = ["-shared", "-pthread"]
 KV_DTYPES = (torch.float32, torch.bfloat16)  # the KV caches the attention kernel reads
+DEFAULT_SPIN_US = 200
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
+
+
+def spin_us() -> int:
+    """How long (microseconds) an idle helper thread of the kernels' pool spins before it sleeps: long enough
+    to bridge the gaps between the kernels of one decode step, short enough to give the cores back between
+    steps. ``$FLEETSERVE_KERNEL_SPIN_US``; 0 sleeps at once."""
+    raw = os.environ.get("FLEETSERVE_KERNEL_SPIN_US", "")
+    try:
+        return max(0, int(raw)) if raw else DEFAULT_SPIN_US
+    except ValueError:
+        raise ValueError(f"FLEETSERVE_KERNEL_SPIN_US must be a whole number of microseconds, not {raw!r}") from None
 
 
 def _cache_dirs() -> list[Path]:
@@ -67,22 +79,9 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def _openmp() -> tuple[list[str], list[str]]:
-    """Compile and link flags that run the kernels' OpenMP loops on torch's own OpenMP runtime (its thread
-    pool and settings) by linking the libgomp torch ships; none when it ships none (the loops then run on one
-    thread: a second OpenMP runtime in the process would fight torch's for the cores)."""
-    libdir = Path(torch.__file__).parent / "lib"
-    libs = sorted(libdir.glob("libgomp*.so*"))
-    if not libs:
-        return [], []
-    return ["-fopenmp"], [str(libs[0]), f"-Wl,-rpath,{libdir}"]
-
-
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    omp_c, omp_ld = _openmp()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *CFLAGS, *omp_c, *LDFLAGS, *omp_ld,
-                                     _cpu_signature()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *CFLAGS, *LDFLAGS, _cpu_signature()]).encode())
     name = f"cpu_kernels-{key.hexdigest()[:16]}.so"
     for folder in _cache_dirs():
         if (folder / name).exists():
@@ -98,8 +97,8 @@ def _build(cc: str) -> Path:
     os.close(fd)
     target = folder / name
     try:
-        for argv in ([cc, *CFLAGS, *omp_c, "-c", "-o", tmp + ".o", str(SOURCE)],
-                     [cc, *LDFLAGS, "-o", tmp, tmp + ".o", *omp_ld, "-lm"]):
+        for argv in ([cc, *CFLAGS, "-c", "-o", tmp + ".o", str(SOURCE)],
+                     [cc, *LDFLAGS, "-o", tmp, tmp + ".o", "-lm"]):
             done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
             if done.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
@@ -127,12 +126,16 @@ def load() -> ctypes.CDLL | None:
             log.warning("CPU kernels unavailable, using the PyTorch path: %s", _error)
             return None
         ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        _signature(lib.fs_paged_decode, ctypes.c_int, [ptr] * 3 + [i32, ptr, i32, ptr] + [i32] * 5
-                   + [f32, i32, ptr])
+        i64 = ctypes.c_long
+        _signature(lib.fs_paged_decode, ctypes.c_int, [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, i32, ptr, i32, ptr]
+                   + [i32] * 5 + [f32, i32, ptr])
         _signature(lib.fs_rms_norm, None, [ptr, ptr, ptr, i32, i32, f32])
         _signature(lib.fs_silu_mul, None, [ptr, ptr, i32, i32])
         _signature(lib.fs_rope, None, [ptr, ctypes.c_long, i32, i32, i32, ptr, ptr])
         _signature(lib.fs_lowbit_gemm, ctypes.c_int, [ptr, i32, i32, ptr, ptr, i32, ptr, i32])
+        _signature(lib.fs_pool_start, i32, [i32, ctypes.c_long])
+        _signature(lib.fs_pool_stop, None, [])
+        lib.fs_pool_start(torch.get_num_threads(), spin_us())
         _lib = lib
         return _lib
 
@@ -146,16 +149,30 @@ def load_error() -> str | None:
     return _error
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """fp32 [B, H, D] whose heads are contiguous within a row (rows may be apart: views of the fused qkv)."""
+    t = t.float()
+    return t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous()
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, sliding_window: int | None,
+                     k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence ([B, Hq, D]) against its blocks of a [blocks, block_size, Hkv, D] cache.
-    block_tables [B, max_blocks] and context_lens [B] are contiguous int32 on the CPU."""
+    block_tables [B, max_blocks] and context_lens [B] are contiguous int32 on the CPU. With k_new and v_new
+    ([B, Hkv, D]) the kernel first writes each sequence's new K and V at its last position (the store and the
+    attention in one pass over the sequences)."""
     lib = _kernels()
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
-    qf = q.float().contiguous()
-    out = torch.empty_like(qf)
-    rc = lib.fs_paged_decode(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
+    qf = _rows(q)
+    out = torch.empty(b, hq, d)
+    new = [None, 0, None, 0]
+    if k_new is not None:
+        k_new, v_new = _rows(k_new), _rows(v_new)
+        new = [k_new.data_ptr(), k_new.stride(0), v_new.data_ptr(), v_new.stride(0)]
+    rc = lib.fs_paged_decode(qf.data_ptr(), qf.stride(0), *new,
+                             k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16),
                              block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), b, hq, hkv, d,
                              block_size, scale, sliding_window or 0, out.data_ptr())
     if rc != 0:
