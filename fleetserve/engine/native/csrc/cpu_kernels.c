@@ -488,7 +488,7 @@ int fs_lowbit_gemm(const float *x, int M, int K, const int8_t *q, const float *d
     }
     struct gemm_job job = {xt, M, K, N, q, dm, y, 0};
     /* one input chunk: ~4 claims a thread (even shares, few claims); more: a panel is a claim (each is long) */
-    fs_parallel_for(gemm_task, &job, NP, chunks > 1 ? 1 : NP / (4 * (pool.helpers + 1)));
+    fs_parallel_for(gemm_task, &job, NP, chunks > 1 ? 1 : NP / (16 * (pool.helpers + 1)));
     free(xt);
     return atomic_load(&job.failed) ? -1 : 0;
 }
