@@ -40,8 +40,10 @@ def assert_same_greedy(model, prompt: list[int], ours: list[int], ref: list[int]
             return
 
 
-def write_tiny_checkpoint(path: Path, arch: str, tokenizer: Tokenizer, **overrides) -> Path:
-    """A randomly initialised model of the given architecture, saved as sharded safetensors with a tokenizer."""
+def write_tiny_checkpoint(path: Path, arch: str, tokenizer: Tokenizer, lowbit: bool = False, **overrides) -> Path:
+    """A randomly initialised model of the given architecture, saved as sharded safetensors with a tokenizer.
+    `lowbit`: the decoder's projection weights are GGUF Q8_0 round trips (exactly low-bit, as in a GGUF model),
+    so the engine keeps them compact (cpu_kernels.pack_lowbit), and their biases (if any) are random."""
     import transformers
 
     common = dict(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -57,6 +59,16 @@ def write_tiny_checkpoint(path: Path, arch: str, tokenizer: Tokenizer, **overrid
     }[arch]
     torch.manual_seed(0)
     model = model_cls(config_cls(**common)).eval()
+    if lowbit:
+        import gguf
+
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("proj.weight"):
+                    p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q8), q8)))
+                elif name.endswith("proj.bias"):  # initialised to zero: give them values that count
+                    p.normal_(0, 0.3)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, max_shard_size="4MB", safe_serialization=True)
     tokenizer.backend.save(str(path / "tokenizer.json"))

@@ -175,6 +175,68 @@ def test_thread_pool_gives_one_threads_results_with_two_callers_and_after_fork()
     lib.fs_pool_start(torch.get_num_threads(), cpu_kernels.spin_us())
 
 
+def _decode_step_both_ways(model, engine, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of one pure decode step (after a prefill and two decode steps) computed by the one-call
+    path (cpu_kernels.DecodeLayers) and by the layer-by-layer path, on the same cache."""
+    from fleetserve.engine.native.sequence import Sequence
+    from fleetserve.engine.types import SamplingParams
+
+    for i, ids in enumerate(prompts):
+        engine.scheduler.add(Sequence(f"s{i}", ids, SamplingParams(max_tokens=16, ignore_eos=True)))
+    for _ in range(3):
+        for seq, tokens, _ in engine.runner.step(engine.scheduler.schedule()):
+            seq.token_ids.extend(tokens)
+    batch = engine.scheduler.schedule()
+    assert batch.num_tokens == [1] * len(prompts)
+    input_ids, positions, meta, *_ = engine.runner._prepare(batch)
+    layers = model.decode_layers()
+    assert layers is not None
+    with torch.inference_mode():
+        one_call = model(input_ids, positions, engine.kv_cache.layers, meta)
+        model._decode_layers = None  # decided: no one-call path
+        try:
+            by_layer = model(input_ids, positions, engine.kv_cache.layers, meta)
+        finally:
+            model._decode_layers = layers
+    return one_call, by_layer
+
+
+def test_one_call_decode_step_is_bit_identical_to_the_layer_path(default_model, tokenizer):
+    """The embedded model's decode steps run all 30 layers in one C call; they must give exactly what the
+    layer-by-layer path gives (the same kernels in the same order), which the HF oracle tests check."""
+    from fleetserve.engine.native.engine import EngineConfig, NativeEngine
+
+    model = default_model[0]
+    engine = NativeEngine(model, model.cfg, tokenizer.eos_token_ids, EngineConfig(max_model_len=256,
+                          kv_cache_tokens=1024), CPU, torch.float32)
+    prompts = [tokenizer.encode(t) for t in ("The capital of France is", "1, 2, 3, 4,", "Once upon a time " * 5)]
+    one_call, by_layer = _decode_step_both_ways(model, engine, prompts)
+    assert torch.equal(one_call, by_layer)
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("llama", dict(num_key_value_heads=2)),
+    ("mistral", dict(num_key_value_heads=1, sliding_window=12)),
+    ("qwen2", dict(num_key_value_heads=2)),  # q/k/v biases
+    ("qwen3", dict(num_key_value_heads=2)),  # q/k norms: not one call
+], ids=["llama-gqa2", "mistral-window", "qwen2-bias", "qwen3-qk-norm"])
+def test_one_call_decode_step_on_other_architectures(tmp_path, tokenizer, arch, overrides):
+    from fleetserve.engine.native.engine import EngineConfig, NativeEngine
+    from tests.reference import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / arch, arch, tokenizer, lowbit=True, hidden_size=64,
+                                 num_attention_heads=2, **overrides)
+    engine = NativeEngine.load("hf", path, tokenizer.eos_token_ids, EngineConfig(max_model_len=256, block_size=8,
+                               kv_cache_tokens=1024), CPU, torch.float32)
+    model = engine.runner.model
+    if arch == "qwen3":
+        assert model.decode_layers() is None
+        return
+    prompts = [tokenizer.encode(t) for t in ("The capital of France is", "word " * 20)]
+    one_call, by_layer = _decode_step_both_ways(model, engine, prompts)
+    assert torch.equal(one_call, by_layer)
+
+
 def test_the_embedded_model_is_kept_low_bit(default_model):
     from fleetserve.engine.native.linear import Linear
 

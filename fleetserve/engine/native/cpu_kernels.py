@@ -133,6 +133,7 @@ def load() -> ctypes.CDLL | None:
         _signature(lib.fs_silu_mul, None, [ptr, ptr, i32, i32])
         _signature(lib.fs_rope, None, [ptr, ctypes.c_long, i32, i32, i32, ptr, ptr])
         _signature(lib.fs_lowbit_gemm, ctypes.c_int, [ptr, i32, i32, ptr, ptr, i32, ptr, i32])
+        _signature(lib.fs_decode_layers, i32, [ctypes.POINTER(_Step)])
         _signature(lib.fs_pool_start, i32, [i32, ctypes.c_long])
         _signature(lib.fs_pool_stop, None, [])
         lib.fs_pool_start(torch.get_num_threads(), spin_us())
@@ -274,3 +275,70 @@ def lowbit_linear(x: torch.Tensor, w: LowBitWeight) -> torch.Tensor:
     if rc != 0:
         raise MemoryError("low-bit GEMM could not allocate its input buffer")
     return y.view(*x.shape[:-1], w.out_features)
+
+
+# ---- a whole decode step's decoder layers in one call (fs_decode_layers) ----
+
+
+class _LowBit(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_void_p), ("dm", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("N", ctypes.c_int), ("K", ctypes.c_int), ("NP", ctypes.c_int)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("qkv", _LowBit), ("o", _LowBit), ("gate_up", _LowBit), ("down", _LowBit)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in ("num_layers", "M", "hidden", "hq", "hkv", "d", "inter",
+                                                   "block_size", "bt_stride", "window", "kv_bf16")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layers", ctypes.POINTER(_Layer)),
+        ("k_caches", ctypes.POINTER(ctypes.c_void_p)), ("v_caches", ctypes.POINTER(ctypes.c_void_p)),
+        ("block_tables", ctypes.c_void_p), ("context_lens", ctypes.c_void_p),
+        ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("x", ctypes.c_void_p)]
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer as fs_decode_layers reads it: fp32 RMSNorm weights and four exactly-low-bit
+    linears (q/k/v fused, o, gate/up fused, down), each with its bias or None."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    linears: list[tuple[LowBitWeight, torch.Tensor | None]]
+
+
+class DecodeLayers:
+    """Every decoder layer of a pure decode step in one C call: the kernels the layer-by-layer path calls,
+    in the same order, so the same results bit for bit, without ~15 Python-level ops a layer (a sixth of a
+    batch-16 decode step). Holds the tensors it points at."""
+
+    def __init__(self, layers: list[LayerWeights], *, hq: int, hkv: int, d: int, inter: int, eps: float,
+                 scale: float, window: int | None):
+        self._keep = layers
+        self._layers = (_Layer * len(layers))()
+        for dst, lw in zip(self._layers, layers):
+            dst.input_norm, dst.post_norm = lw.input_norm.data_ptr(), lw.post_norm.data_ptr()
+            for field, (w, bias) in zip(("qkv", "o", "gate_up", "down"), lw.linears):
+                setattr(dst, field, _LowBit(w.q.data_ptr(), w.dm.data_ptr(), None if bias is None else bias.data_ptr(),
+                                            w.out_features, w.in_features, w.q.shape[0]))
+        self.hidden = layers[0].input_norm.numel()
+        self._shape = dict(hq=hq, hkv=hkv, d=d, inter=inter, eps=eps, scale=scale, window=window or 0)
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_caches, block_tables: torch.Tensor,
+            context_lens: torch.Tensor) -> None:
+        """x [M, hidden] (contiguous fp32, the residual stream) is updated in place; one query token per row."""
+        m = x.shape[0]
+        assert x.is_contiguous() and x.dtype == torch.float32 and x.shape[1] == self.hidden
+        assert cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape == (m, self._shape["d"])
+        n = len(kv_caches)
+        k_cache = kv_caches[0][0]
+        step = _Step(num_layers=n, M=m, hidden=self.hidden, block_size=k_cache.shape[1], bt_stride=block_tables.shape[1],
+                     kv_bf16=int(k_cache.dtype == torch.bfloat16), layers=self._layers,
+                     k_caches=(ctypes.c_void_p * n)(*(k.data_ptr() for k, _ in kv_caches)),
+                     v_caches=(ctypes.c_void_p * n)(*(v.data_ptr() for _, v in kv_caches)),
+                     block_tables=block_tables.data_ptr(), context_lens=context_lens.data_ptr(),
+                     cos=cos.data_ptr(), sin=sin.data_ptr(), x=x.data_ptr(), **self._shape)
+        if _kernels().fs_decode_layers(ctypes.byref(step)) != 0:
+            raise MemoryError("the CPU decode step could not allocate its buffers")

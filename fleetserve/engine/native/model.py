@@ -117,6 +117,7 @@ class LlamaModel(nn.Module):
         self.max_len = max_len
         self.rope_cos = self.rope_sin = None
         self.matmul_dtype: torch.dtype | None = None  # bf16 on a CPU in bf16 mode (loader.activation_dtype)
+        self._decode_layers: cpu_kernels.DecodeLayers | None | bool = False  # False: not decided yet
 
     def init_rope(self, device: torch.device) -> None:
         """RoPE tables are derived state: built after the parameters are materialised."""
@@ -130,9 +131,31 @@ class LlamaModel(nn.Module):
         sin = self.rope_sin[positions].to(x.dtype)
         # the C kernels of the "cpu" backend also take the per-layer norm, RoPE and SiLU of an fp32 model
         fused = meta.backend == "cpu" and x.dtype == torch.float32
+        if fused and meta.num_decode == x.shape[0] and (layers := self.decode_layers()) is not None:
+            layers.run(x, cos, sin, kv_caches, meta.decode_block_tables, meta.decode_context_lens)
+            return self.norm(x, fused)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, k_cache, v_cache, meta, fused)
         return self.norm(x, fused)
+
+    def decode_layers(self) -> cpu_kernels.DecodeLayers | None:
+        """All decoder layers of a pure decode step as one C call (cpu_kernels.DecodeLayers), for an fp32 model
+        on one rank whose linear weights are all kept low-bit (prepack) and whose layers have no q/k norms;
+        None for any other model. Decided once, after prepack."""
+        if self._decode_layers is False:
+            self._decode_layers = None
+            attn0 = self.layers[0].self_attn
+            linears = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+                       for layer in self.layers]
+            if self.tp.size == 1 and attn0.q_norm is None and all(m.lowbit is not None for ms in linears for m in ms):
+                weights = [cpu_kernels.LayerWeights(layer.input_layernorm.weight.detach(),
+                                                    layer.post_attention_layernorm.weight.detach(),
+                                                    [(m.lowbit, None if m.bias is None else m.bias.detach()) for m in ms])
+                           for layer, ms in zip(self.layers, linears)]
+                self._decode_layers = cpu_kernels.DecodeLayers(
+                    weights, hq=attn0.nh, hkv=attn0.nkv, d=attn0.hd, inter=self.layers[0].mlp.inter,
+                    eps=self.layers[0].input_layernorm.eps, scale=attn0.scale, window=attn0.sliding_window)
+        return self._decode_layers
 
     def quantize_fp8(self) -> tuple[int, int]:
         """FP8 weights for the decoder layers (the LM head and embeddings stay). Returns (done, skipped)."""
@@ -141,6 +164,7 @@ class LlamaModel(nn.Module):
 
     def prepack(self, matmul_dtype: torch.dtype | None = None) -> None:
         self.matmul_dtype = matmul_dtype
+        self._decode_layers = False
         for m in self.modules():
             if isinstance(m, Linear):
                 m.prepack(matmul_dtype)
