@@ -94,8 +94,8 @@ static long elapsed_ns(const struct timespec *t0) {
 }
 
 /* Waits until a job after `seen` is published (or the pool stops): spins for up to spin_ns, yielding its core
- * to any other thread that wants it, then sleeps. Measured on 2 cores (docs/perf.md): spinning 200 us makes a
- * batch-16 decode ~10% faster on an idle machine and ~7% slower beside a busy process than sleeping at once. */
+ * to any other thread that wants it, then sleeps (docs/perf.md: with a decode step in one call, spinning 200 us
+ * and sleeping at once are within a few percent of each other, idle or beside a busy process). */
 static void idle_wait(uint32_t seen) {
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
