@@ -477,15 +477,27 @@ static void gemm_task(void *ctx, int begin, int end) {
     }
 }
 
+struct transpose_job { const float *x; float *xt; int M, K; };
+
+/* x [M, K] -> xt[chunk][k][16] for chunks [begin, end) of 16 rows; lanes past M are left unread */
+static void transpose_task(void *ctx, int begin, int end) {
+    const struct transpose_job *t = ctx;
+    const int K = t->K;
+    for (int c = begin; c < end; c++) {  /* 16 sequential reads, one sequential write */
+        const int rows = t->M - c * 16 < 16 ? t->M - c * 16 : 16;
+        const float *xc = t->x + (long)c * 16 * K;
+        float *dst = t->xt + (long)c * K * 16;
+        for (int k = 0; k < K; k++)
+            for (int r = 0; r < rows; r++) dst[(long)k * 16 + r] = xc[(long)r * K + k];
+    }
+}
+
 int fs_lowbit_gemm(const float *x, int M, int K, const int8_t *q, const float *dm, int NP, float *y, int N) {
     const int chunks = (M + 15) / 16;
-    float *xt = malloc(sizeof(float) * (size_t)chunks * K * 16);  /* xt[chunk][k][16]; lanes past M unread */
+    float *xt = malloc(sizeof(float) * (size_t)chunks * K * 16);
     if (!xt) return -1;
-    for (int r = 0; r < M; r++) {
-        const float *xr = x + (long)r * K;
-        float *dst = xt + (long)(r / 16) * K * 16 + r % 16;
-        for (int k = 0; k < K; k++) dst[(long)k * 16] = xr[k];
-    }
+    struct transpose_job tj = {x, xt, M, K};
+    fs_parallel_for(transpose_task, &tj, chunks, 1);  /* one chunk (a decode step) runs on the caller alone */
     struct gemm_job job = {xt, M, K, N, q, dm, y, 0};
     /* one input chunk: ~4 claims a thread (even shares, few claims); more: a panel is a claim (each is long) */
     fs_parallel_for(gemm_task, &job, NP, chunks > 1 ? 1 : NP / (16 * (pool.helpers + 1)));
