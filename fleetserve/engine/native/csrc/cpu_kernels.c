@@ -268,6 +268,11 @@ static void store_row(void *cache, int kv_bf16, long offset, const float *src, i
     for (int i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
 }
 
+/* where position `pos` of a sequence (block table `table`) starts in a [blocks, block_size, Hkv, D] cache */
+static inline long slot_offset(const int32_t *table, int pos, int block_size, long token_stride) {
+    return ((long)table[pos / block_size] * block_size + pos % block_size) * token_stride;
+}
+
 static void decode_task(void *ctx, int begin, int end) {
     const struct decode_job *a = ctx;
     const int hq = a->hq, hkv = a->hkv, d = a->d, group = hq / hkv, block_size = a->block_size;
@@ -278,7 +283,7 @@ static void decode_task(void *ctx, int begin, int end) {
         return;
     }
     float *tmp = scores + (size_t)a->max_ctx * hq;
-    const long token_stride = (long)hkv * d, block_stride = (long)block_size * token_stride;
+    const long token_stride = (long)hkv * d;
     /* token by token: a token's rows for all KV heads are contiguous, and a block's tokens follow each
      * other, so the cache is read in long sequential runs */
     for (int b = begin; b < end; b++) {
@@ -290,13 +295,13 @@ static void decode_task(void *ctx, int begin, int end) {
         float *ob = a->out + (long)b * hq * d;
         if (a->k_new) {
             const int pos = ctx_len - 1;
-            const long off = (long)table[pos / block_size] * block_stride + (long)(pos % block_size) * token_stride;
+            const long off = slot_offset(table, pos, block_size, token_stride);
             store_row(a->k_cache, a->kv_bf16, off, a->k_new + (long)b * a->k_stride, hkv * d);
             store_row(a->v_cache, a->kv_bf16, off, a->v_new + (long)b * a->v_stride, hkv * d);
         }
         for (int t = 0; t < n; t++) {  /* scores: q . k, each query head against its KV head */
             const int pos = start + t;
-            const long off = (long)table[pos / block_size] * block_stride + (long)(pos % block_size) * token_stride;
+            const long off = slot_offset(table, pos, block_size, token_stride);
             const float *k = kv_row(a->k_cache, a->kv_bf16, off, hkv * d, tmp);
             for (int j = 0; j < hq; j++) {
                 const float *qj = qb + (long)j * d, *kj = k + (long)(j / group) * d;
@@ -316,7 +321,7 @@ static void decode_task(void *ctx, int begin, int end) {
         memset(ob, 0, sizeof(float) * hq * d);
         for (int t = 0; t < n; t++) {  /* out = p . v */
             const int pos = start + t;
-            const long off = (long)table[pos / block_size] * block_stride + (long)(pos % block_size) * token_stride;
+            const long off = slot_offset(table, pos, block_size, token_stride);
             const float *v = kv_row(a->v_cache, a->kv_bf16, off, hkv * d, tmp);
             for (int j = 0; j < hq; j++) {
                 const float p = scores[(long)j * n + t], *vj = v + (long)(j / group) * d;
@@ -499,7 +504,7 @@ int fs_lowbit_gemm(const float *x, int M, int K, const int8_t *q, const float *d
     struct transpose_job tj = {x, xt, M, K};
     fs_parallel_for(transpose_task, &tj, chunks, 1);  /* one chunk (a decode step) runs on the caller alone */
     struct gemm_job job = {xt, M, K, N, q, dm, y, 0};
-    /* one input chunk: ~4 claims a thread (even shares, few claims); more: a panel is a claim (each is long) */
+    /* one input chunk: ~16 claims a thread (the last claim leaves little idle); more: a panel is a claim */
     fs_parallel_for(gemm_task, &job, NP, chunks > 1 ? 1 : NP / (16 * (pool.helpers + 1)));
     free(xt);
     return atomic_load(&job.failed) ? -1 : 0;
@@ -542,7 +547,7 @@ int fs_decode_layers(const struct fs_decode_step *s) {
     float *h = work, *out = h + (long)M * H, *qkv = out + (long)M * H, *attn = qkv + (long)M * qkv_n,
           *gate_up = attn + (long)M * s->hq * d, *act = gate_up + (long)M * 2 * s->inter;
     int rc = 0;
-    for (int l = 0; l < s->num_layers && !rc; l++) {
+    for (int l = 0; l < s->num_layers; l++) {
         const struct fs_layer *L = &s->layers[l];
         fs_rms_norm(s->x, L->input_norm, h, M, H, s->eps);
         if ((rc = linear(&L->qkv, h, M, qkv))) break;
