@@ -40,6 +40,14 @@ def assert_same_greedy(model, prompt: list[int], ours: list[int], ref: list[int]
             return
 
 
+def gguf_round_trip(w: torch.Tensor, qtype: str = "Q8_0") -> torch.Tensor:
+    """`w` quantised to a GGUF type and back: an fp32 tensor that is exactly low-bit, as a GGUF model's are."""
+    import gguf
+
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), kind), kind).astype("float32"))
+
+
 def write_tiny_checkpoint(path: Path, arch: str, tokenizer: Tokenizer, lowbit: bool = False, **overrides) -> Path:
     """A randomly initialised model of the given architecture, saved as sharded safetensors with a tokenizer.
     `lowbit`: the decoder's projection weights are GGUF Q8_0 round trips (exactly low-bit, as in a GGUF model),
@@ -60,13 +68,10 @@ def write_tiny_checkpoint(path: Path, arch: str, tokenizer: Tokenizer, lowbit: b
     torch.manual_seed(0)
     model = model_cls(config_cls(**common)).eval()
     if lowbit:
-        import gguf
-
-        q8 = gguf.GGMLQuantizationType.Q8_0
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("proj.weight"):
-                    p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), q8), q8)))
+                    p.copy_(gguf_round_trip(p))
                 elif name.endswith("proj.bias"):  # initialised to zero: give them values that count
                     p.normal_(0, 0.3)
     path.mkdir(parents=True, exist_ok=True)

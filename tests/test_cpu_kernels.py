@@ -17,6 +17,7 @@ from tests.attention_cases import (
     compare,
     greedy_tokens_by_backend,
 )
+from tests.reference import gguf_round_trip, write_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load_error() is not None,
                                 reason=f"the CPU kernel does not build here: {cpu_kernels.load_error()}")
@@ -88,15 +89,9 @@ def test_fused_ops_match_torch(rows):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1"])
 def test_lowbit_weights_are_recognised_exactly_and_multiply_as_fp32(qtype):
     """A GGUF dequantisation is kept as int8 + scales and gives the fp32 products; anything else is not."""
-    import gguf
-    import numpy as np
-
     from fleetserve.engine.native.linear import Linear
 
-    kind = getattr(gguf.GGMLQuantizationType, qtype)
-    rng = np.random.default_rng(0)
-    w = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(
-        rng.standard_normal((100, 96)).astype(np.float32) * 0.05, kind), kind).astype(np.float32))
+    w = gguf_round_trip(torch.randn(100, 96, generator=torch.Generator().manual_seed(0)) * 0.05, qtype)
     packed = cpu_kernels.pack_lowbit(w)
     assert packed is not None and packed.q.dtype == torch.int8 and packed.q.shape == (7, 96, 16)  # 100 -> 7 panels
     for rows in (1, 3, 16, 17, 40):  # partial chunks of 16 rows, and more than one chunk
@@ -126,16 +121,10 @@ def test_thread_pool_gives_one_threads_results_with_two_callers_and_after_fork()
     import os
     import threading
 
-    import gguf
-    import numpy as np
-
     lib = cpu_kernels.load()
-    rng = np.random.default_rng(1)
-    kind = gguf.GGMLQuantizationType.Q8_0
-    w = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(
-        rng.standard_normal((300, 576)).astype(np.float32) * 0.05, kind), kind).astype(np.float32))
-    packed = cpu_kernels.pack_lowbit(w)
     g = torch.Generator().manual_seed(0)
+    w = gguf_round_trip(torch.randn(300, 576, generator=g) * 0.05)
+    packed = cpu_kernels.pack_lowbit(w)
     xs = [torch.randn(rows, 576, generator=g) for rows in (1, 7, 16, 40)]
     kc, vc = torch.randn(40, 16, 3, 64, generator=g), torch.randn(40, 16, 3, 64, generator=g)
     tables = torch.randperm(39, generator=g).add(1).to(torch.int32)[:36].view(12, 3)
@@ -222,7 +211,6 @@ def test_one_call_decode_step_is_bit_identical_to_the_layer_path(default_model, 
 ], ids=["llama-gqa2", "mistral-window", "qwen2-bias", "qwen3-qk-norm"])
 def test_one_call_decode_step_on_other_architectures(tmp_path, tokenizer, arch, overrides):
     from fleetserve.engine.native.engine import EngineConfig, NativeEngine
-    from tests.reference import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path / arch, arch, tokenizer, lowbit=True, hidden_size=64,
                                  num_attention_heads=2, **overrides)
